@@ -1,0 +1,259 @@
+"""``open_listener`` and ``serve_listener``: open the socket, then serve it.
+
+Thin on purpose: :mod:`._socket` makes the listening socket and
+:class:`ConnListener` runs it; these two functions only chain them inside a
+nursery and decide what leaving the block means.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ._flags import NO_FLAGS, Flag, check_flags
+from ._listener import _HANDLER_ERRORS, ConnListener, HandlerErrors, _check_cb
+from ._socket import make_listening_socket
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from ._listener import AcceptCallback, ErrorCallback
+    from ._socket import Address, SockArg
+
+
+def _check_options(
+    *,
+    max_connections: object,
+    drain_timeout: object,
+    handler_nursery: object,
+    handler_errors: object,
+) -> None:
+    if max_connections is not None and (
+        isinstance(max_connections, bool)
+        or not isinstance(max_connections, int)
+        or max_connections < 1
+    ):
+        raise ValueError(
+            f"max_connections must be None or an int >= 1, not {max_connections!r}"
+        )
+    if drain_timeout is not None:
+        if isinstance(drain_timeout, bool) or not isinstance(
+            drain_timeout, (int, float)
+        ):
+            raise TypeError(
+                f"drain_timeout must be None or seconds, not {drain_timeout!r}"
+            )
+        if math.isnan(drain_timeout) or drain_timeout < 0:
+            raise ValueError(
+                f"drain_timeout must be None or >= 0 seconds, not {drain_timeout!r}"
+            )
+        if handler_nursery is not None:
+            raise ValueError(
+                "drain_timeout has no effect with handler_nursery=: the handlers "
+                "belong to that nursery and outlive the listener; cancel it "
+                "yourself, or leave out handler_nursery="
+            )
+    if handler_nursery is not None and not isinstance(handler_nursery, trio.Nursery):
+        raise TypeError(
+            f"handler_nursery must be a trio.Nursery or None, not {handler_nursery!r}"
+        )
+    if handler_errors not in _HANDLER_ERRORS:
+        raise ValueError(
+            f"handler_errors must be 'log' or 'raise', not {handler_errors!r}"
+        )
+
+
+@asynccontextmanager
+async def open_listener(
+    cb: AcceptCallback | None,
+    *args: Any,
+    address: Address | None = None,
+    sock: SockArg | None = None,
+    flags: Flag | int = NO_FLAGS,
+    backlog: int = -1,
+    error_cb: ErrorCallback | None = None,
+    max_connections: int | None = None,
+    drain_timeout: float | None = None,
+    handler_nursery: trio.Nursery | None = None,
+    handler_errors: HandlerErrors = "log",
+) -> AsyncIterator[ConnListener]:
+    """Listen for connections while the ``async with`` block runs.
+
+    ``evconnlistener_new_bind`` (with ``address=``) and ``evconnlistener_new``
+    (with ``sock=``) in one async context manager. Each accepted connection
+    runs ``await cb(listener, conn, addr, *args)`` in a task of its own.
+
+    Args:
+        cb: the accept callback, ``async def cb(listener, conn, addr,
+            *args)``; ``conn`` is a :class:`trio.SocketStream` (or, with
+            ``LEAVE_SOCKETS_BLOCKING``, a blocking :class:`socket.socket`).
+            ``None`` leaves the listener waiting until :meth:`~ConnListener.set_cb`.
+        *args: passed to ``cb`` after ``addr``.
+        address: where to bind: ``(host, port)``, ``(host, port, flowinfo,
+            scope_id)`` (the family follows the host; ``""`` is the IPv4
+            wildcard, ``"::"`` the IPv6 one), or a Unix socket path.
+        sock: a bound or listening stream socket to wrap instead: a
+            :class:`socket.socket`, a :mod:`trio.socket` socket or an int fd.
+        flags: a combination of :class:`Flag` values.
+        backlog: ``< 0`` picks the OS maximum (capped at 65535); ``0`` means
+            ``sock`` is already listening; ``> 0`` is passed to ``listen()``.
+        error_cb: set as if by :meth:`~ConnListener.set_error_cb` before the
+            first ``accept()``.
+        max_connections: at this many running handlers, stop accepting until
+            one finishes (connections wait in the kernel's backlog).
+        drain_timeout: on leaving the block, wait this many seconds for
+            running handlers before cancelling them (``None``: wait for all).
+        handler_nursery: run handlers in this nursery instead of the
+            listener's own; they then outlive the block.
+        handler_errors: ``"log"`` (default) logs an exception escaping a
+            handler and goes on; ``"raise"`` lets it propagate, which ends
+            the listener and everything in its nursery.
+
+    Yields:
+        The running :class:`ConnListener`.
+
+    Raises:
+        TypeError: neither or both of ``address`` and ``sock``; an argument
+            of the wrong type.
+        ValueError: an argument with a bad value (each message names it).
+        OSError: ``bind()``/``listen()`` failed (``EADDRINUSE``, ...).
+        ExceptionGroup: what the listener's nursery raised: a fatal accept
+            error with no error callback, an error callback that raised, or a
+            handler's exception with ``handler_errors="raise"`` (with any
+            exception from the block beside them). An exception raised by the
+            block alone comes out unwrapped, as it went in.
+
+    Error handling:
+        ``accept()`` errors are sorted by errno: transient ones are retried
+        at once; out-of-resources ones (``EMFILE``, ``ENFILE``, ``ENOBUFS``,
+        ``ENOMEM``) call ``error_cb`` (or log one ERROR record) and pause
+        accepting 10 ms, doubling to 1 s; anything else calls ``error_cb`` and
+        pauses likewise, or with no ``error_cb`` ends the listener by raising
+        the :exc:`OSError` into its nursery. A handler's exception is logged on
+        the ``trio_evlisten`` logger (``trio.BrokenResourceError`` at DEBUG,
+        others at ERROR) unless ``handler_errors="raise"``.
+
+    Resource handling:
+        On leaving the block the listener is closed (so nothing more is
+        accepted), then the block waits for running handlers. The listening
+        socket is closed only with ``CLOSE_ON_FREE``; a Unix socket path this
+        function bound is then unlinked too. A socket passed as ``sock=`` is
+        never closed on an error before the block starts. Each trio stream
+        handed to a handler is closed when the handler returns. If the block
+        raises, handlers are cancelled at once (Trio's nursery rule).
+    """
+    flags = check_flags(flags)
+    _check_cb(cb, "cb")
+    _check_cb(error_cb, "error_cb")
+    _check_options(
+        max_connections=max_connections,
+        drain_timeout=drain_timeout,
+        handler_nursery=handler_nursery,
+        handler_errors=handler_errors,
+    )
+    lsock = await make_listening_socket(
+        address=address, sock=sock, flags=flags, backlog=backlog
+    )
+    try:
+        listener = ConnListener(
+            lsock,
+            flags,
+            cb,
+            args,
+            error_cb,
+            (),
+            max_connections,
+            handler_errors,
+        )
+    except BaseException:
+        lsock.release(close=bool(flags & Flag.CLOSE_ON_FREE))
+        raise
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            listener._nursery = nursery if handler_nursery is None else handler_nursery
+            await nursery.start(listener._accept_loop)
+            try:
+                yield listener
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                listener.close()
+                if drain_timeout is not None:
+                    scope = nursery.cancel_scope
+                    scope.deadline = min(
+                        scope.deadline, trio.current_time() + drain_timeout
+                    )
+    except BaseExceptionGroup as group:
+        # The nursery is ours, not the caller's: an exception from the body
+        # alone (KeyboardInterrupt, the caller's own error) comes out as it
+        # went in. Errors of the listener itself stay in their group.
+        if body_error is None or not _is_only(group, body_error):
+            raise
+    else:
+        return
+    raise body_error
+
+
+def _is_only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
+    """Whether ``exc`` is the only leaf of the (possibly nested) ``group``."""
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    return inner is exc
+
+
+async def serve_listener(
+    cb: AcceptCallback | None,
+    *args: Any,
+    address: Address | None = None,
+    sock: SockArg | None = None,
+    flags: Flag | int = NO_FLAGS,
+    backlog: int = -1,
+    error_cb: ErrorCallback | None = None,
+    max_connections: int | None = None,
+    drain_timeout: float | None = None,
+    handler_nursery: trio.Nursery | None = None,
+    handler_errors: HandlerErrors = "log",
+    task_status: trio.TaskStatus[ConnListener] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a listener as a task: for ``await nursery.start(...)``.
+
+    Takes the arguments of :func:`open_listener` (bind them with
+    :func:`functools.partial`). ``nursery.start`` returns the
+    :class:`ConnListener` once it is accepting; the task then runs until it
+    is cancelled, or until the listener is closed and its handlers have
+    finished.
+
+    Error handling:
+        As :func:`open_listener`: what it would raise out of the block is
+        raised out of this task.
+
+    Resource handling:
+        As :func:`open_listener`: on cancellation the listener is closed and
+        its handlers are cancelled; the socket is closed with
+        ``CLOSE_ON_FREE``.
+    """
+    async with open_listener(
+        cb,
+        *args,
+        address=address,
+        sock=sock,
+        flags=flags,
+        backlog=backlog,
+        error_cb=error_cb,
+        max_connections=max_connections,
+        drain_timeout=drain_timeout,
+        handler_nursery=handler_nursery,
+        handler_errors=handler_errors,
+    ) as listener:
+        task_status.started(listener)
+        await listener._closed_event.wait()

@@ -1,0 +1,347 @@
+"""Making, wrapping and configuring the listening socket.
+
+One concern: turn ``address=`` or ``sock=`` plus the flags and backlog into a
+listening, non-blocking socket, and release it again as ``CLOSE_ON_FREE``
+says. Nothing here knows about accepting.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import sys
+from typing import Final, TypeAlias, final
+
+import attrs
+import trio
+
+from ._flags import Flag
+
+#: What ``address=`` takes: ``(host, port)``, ``(host, port, flowinfo,
+#: scope_id)`` or a Unix socket path.
+Address: TypeAlias = (
+    "tuple[str | None, int] | tuple[str | None, int, int, int] | str | os.PathLike[str]"
+)
+#: What ``sock=`` takes.
+SockArg: TypeAlias = "socket.socket | trio.socket.SocketType | int"
+
+#: libevent caps nothing; trio caps at 0xFFFF because some kernels store the
+#: backlog in 16 bits and a bigger value wraps around to a tiny one.
+BACKLOG_MAX: Final = 0xFFFF
+
+_SOMAXCONN_PATH: Final = "/proc/sys/net/core/somaxconn"
+
+
+def default_backlog() -> int:
+    """The backlog ``backlog < 0`` asks for: the OS maximum, capped at 65535.
+
+    Like trio, read Linux's ``somaxconn`` (the kernel silently truncates any
+    larger value to it anyway); elsewhere ask for the cap and let the kernel
+    truncate.
+    """
+    try:
+        with open(_SOMAXCONN_PATH, "rb") as f:
+            return min(int(f.read()), BACKLOG_MAX)
+    except (OSError, ValueError):
+        return BACKLOG_MAX
+
+
+def check_backlog(backlog: object, *, wrapping: bool) -> int:
+    if isinstance(backlog, bool) or not isinstance(backlog, int):
+        raise TypeError(f"backlog must be an int, not {backlog!r}")
+    if backlog == 0 and not wrapping:
+        raise ValueError(
+            "backlog=0 means 'the socket is already listening', which only "
+            "makes sense with sock=; with address= give backlog=-1 (a good "
+            "default) or a positive queue length"
+        )
+    return backlog
+
+
+@final
+@attrs.define(eq=False)
+class ListeningSocket:
+    """The listening socket and who must clean up what when it is released.
+
+    ``std`` and ``trio`` are the same socket object seen through the stdlib
+    (used for the fast synchronous ``accept()``) and through trio (handed to
+    users and waited on).
+    """
+
+    std: socket.socket
+    trio: trio.socket.SocketType
+    #: A Unix socket path that we bound, to unlink when we close the socket.
+    unlink_path: str | None = None
+    #: The caller gave an int fd: we made the socket object around it, so
+    #: without CLOSE_ON_FREE we must detach rather than let it close the fd.
+    from_fd: bool = False
+
+    def release(self, close: bool) -> None:
+        """Close the socket (CLOSE_ON_FREE) or leave it open for the caller.
+
+        Idempotent. ``trio.socket`` close notifies any task waiting on the
+        fd, so this is safe while the accept task waits on it.
+        """
+        if close:
+            if self.unlink_path is not None:
+                _unlink_if_ours(self.unlink_path, self.std)
+                self.unlink_path = None
+            self.trio.close()
+        elif self.from_fd and self.std.fileno() != -1:
+            # The int fd is the caller's: tell trio it is going away from us,
+            # then let go of it without closing it.
+            trio.lowlevel.notify_closing(self.std)
+            self.std.detach()
+
+
+def _unlink_if_ours(path: str, sock: socket.socket) -> None:
+    # Only remove the path if it still is a socket: someone may have replaced
+    # it since (a restarted server binding the same path), and removing theirs
+    # would break it.
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode) and sock.fileno() != -1:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+async def make_listening_socket(
+    *,
+    address: Address | None,
+    sock: SockArg | None,
+    flags: Flag,
+    backlog: int,
+) -> ListeningSocket:
+    """Bind ``address`` or wrap ``sock``, apply ``flags``, and listen.
+
+    Error handling:
+        Bad argument types raise :exc:`TypeError`, bad values
+        :exc:`ValueError`, both naming the value; the OS's refusals
+        (``EADDRINUSE``, ``EACCES``) propagate as :exc:`OSError`.
+
+    Resource handling:
+        A socket this function creates is closed if any later step fails. A
+        socket given in ``sock=`` is never closed here, even on failure: it
+        is still the caller's until this function returns.
+    """
+    if (address is None) == (sock is None):
+        raise TypeError(
+            "give exactly one of address= (to bind a new socket) and sock= "
+            f"(to wrap an existing one), not address={address!r}, sock={sock!r}"
+        )
+    if sock is not None:
+        backlog = check_backlog(backlog, wrapping=True)
+        return _wrap(sock, flags, backlog)
+    assert address is not None
+    backlog = check_backlog(backlog, wrapping=False)
+    if isinstance(address, (str, os.PathLike)):
+        return _bind_unix(os.fspath(address), flags, backlog)
+    family, sockaddr = await _resolve(address)
+    return _bind_inet(family, sockaddr, flags, backlog)
+
+
+async def _resolve(address: object) -> tuple[int, tuple[object, ...]]:
+    if not isinstance(address, tuple) or len(address) not in (2, 4):
+        raise TypeError(
+            "address must be (host, port), (host, port, flowinfo, scope_id) "
+            f"or a Unix socket path, not {address!r}"
+        )
+    host, port = address[0], address[1]
+    if host is not None and not isinstance(host, str):
+        raise TypeError(f"address host must be a str, not {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"address port must be an int, not {port!r}")
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError(f"address port must be in 0..65535, not {port!r}")
+    # AI_PASSIVE: a None/"" host means the wildcard address. Numeric hosts
+    # are resolved without a thread by trio.
+    infos = await trio.socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, _, _, _, sockaddr = infos[0]
+    if len(address) == 4:
+        if family != socket.AF_INET6:
+            raise ValueError(
+                f"a 4-tuple address is IPv6 (host, port, flowinfo, scope_id), "
+                f"but {host!r} is not an IPv6 host"
+            )
+        return family, (sockaddr[0], port, address[2], address[3])
+    return family, tuple(sockaddr)
+
+
+def _bind_inet(
+    family: int, sockaddr: tuple[object, ...], flags: Flag, backlog: int
+) -> ListeningSocket:
+    std = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if flags & Flag.REUSEABLE:
+            std.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if flags & Flag.REUSEABLE_PORT:
+            std.setsockopt(socket.SOL_SOCKET, _so_reuseport(), 1)
+        if family == socket.AF_INET6:
+            # Set it either way: the system default (Linux's bindv6only
+            # sysctl) differs between machines, and dual-stack is the
+            # documented behaviour without the flag.
+            v6only = 1 if flags & Flag.BIND_IPV6ONLY else 0
+            std.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        elif flags & Flag.BIND_IPV6ONLY:
+            raise ValueError(
+                f"Flag.BIND_IPV6ONLY needs an IPv6 address, not {sockaddr!r}"
+            )
+        std.bind(sockaddr)
+        _apply_listening_flags(std, flags)
+        std.listen(backlog if backlog > 0 else default_backlog())
+        return ListeningSocket(std, trio.socket.from_stdlib_socket(std))
+    except BaseException:
+        std.close()
+        raise
+
+
+def _bind_unix(path: str, flags: Flag, backlog: int) -> ListeningSocket:
+    _check_unix_flags(flags)
+    std = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        std.bind(path)
+        # An abstract-namespace name (leading NUL) has no file to unlink.
+        unlink = None if path.startswith("\0") else path
+        try:
+            _apply_listening_flags(std, flags)
+            std.listen(backlog if backlog > 0 else default_backlog())
+            trio_sock = trio.socket.from_stdlib_socket(std)
+        except BaseException:
+            if unlink is not None:
+                _unlink_if_ours(unlink, std)
+            raise
+        return ListeningSocket(std, trio_sock, unlink_path=unlink)
+    except BaseException:
+        std.close()
+        raise
+
+
+def _wrap(sock: SockArg, flags: Flag, backlog: int) -> ListeningSocket:
+    from_fd = False
+    if isinstance(sock, bool):
+        raise TypeError(f"sock must be a socket or an int fd, not {sock!r}")
+    if isinstance(sock, int):
+        std = _socket_from_fd(sock)
+        from_fd = True
+    elif isinstance(sock, socket.socket):
+        std = sock
+    elif isinstance(sock, trio.socket.SocketType):
+        # trio keeps the stdlib socket it wraps in ``_sock``; the accept loop
+        # calls its synchronous accept() directly, which is the fast path.
+        inner = getattr(sock, "_sock", None)
+        if not isinstance(inner, socket.socket):
+            raise TypeError(f"cannot find the stdlib socket inside {sock!r}")
+        std = inner
+    else:
+        raise TypeError(
+            "sock must be a socket.socket, a trio.socket.SocketType or an int "
+            f"fd, not {sock!r}"
+        )
+    try:
+        _check_wrappable(std, flags, backlog)
+        if flags & Flag.REUSEABLE:
+            std.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if flags & Flag.REUSEABLE_PORT:
+            # After bind it no longer affects this socket's own bind, but it
+            # lets later sockets bind the same port beside it.
+            std.setsockopt(socket.SOL_SOCKET, _so_reuseport(), 1)
+        _apply_listening_flags(std, flags)
+        if backlog != 0:
+            std.listen(backlog if backlog > 0 else default_backlog())
+        std.setblocking(False)
+        trio_sock = (
+            sock
+            if isinstance(sock, trio.socket.SocketType)
+            else trio.socket.from_stdlib_socket(std)
+        )
+        return ListeningSocket(std, trio_sock, from_fd=from_fd)
+    except BaseException:
+        if from_fd:
+            std.detach()
+        raise
+
+
+def _socket_from_fd(fd: int) -> socket.socket:
+    if fd < 0:
+        raise ValueError(f"sock must be a non-negative fd, not {fd!r}")
+    try:
+        return socket.socket(fileno=fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSOCK, errno.EBADF):
+            raise ValueError(
+                f"sock={fd!r} is not an open socket fd ({exc.strerror})"
+            ) from exc
+        raise
+
+
+def _check_wrappable(std: socket.socket, flags: Flag, backlog: int) -> None:
+    if std.fileno() == -1:
+        raise ValueError(f"sock={std!r} is closed")
+    if std.type != socket.SOCK_STREAM:
+        raise ValueError(
+            f"sock must be a stream (SOCK_STREAM) socket, not {std.type!r}: "
+            "only stream sockets accept connections"
+        )
+    if std.family == socket.AF_UNIX:
+        _check_unix_flags(flags)
+    # IPV6_V6ONLY can only be changed before bind; all we can do for a
+    # wrapped socket is check it was set.
+    if flags & Flag.BIND_IPV6ONLY and (
+        std.family != socket.AF_INET6
+        or not std.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    ):
+        raise ValueError(
+            "Flag.BIND_IPV6ONLY with sock= needs an IPv6 socket that "
+            "already has IPV6_V6ONLY set (it cannot change after bind)"
+        )
+    if backlog == 0 and not std.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ValueError(
+            "backlog=0 means the socket is already listening, but "
+            f"{std!r} is not; give backlog=-1 to have listen() called"
+        )
+
+
+def _check_unix_flags(flags: Flag) -> None:
+    if flags & Flag.REUSEABLE_PORT:
+        raise ValueError("Flag.REUSEABLE_PORT is for TCP sockets, not Unix sockets")
+    if flags & Flag.BIND_IPV6ONLY:
+        raise ValueError("Flag.BIND_IPV6ONLY is for IPv6 sockets, not Unix sockets")
+
+
+def _so_reuseport() -> int:
+    opt = getattr(socket, "SO_REUSEPORT", None)
+    if opt is None:
+        raise ValueError(
+            f"Flag.REUSEABLE_PORT needs SO_REUSEPORT, which {sys.platform} lacks"
+        )
+    return int(opt)
+
+
+def _apply_listening_flags(std: socket.socket, flags: Flag) -> None:
+    """The flags that apply to bound and wrapped sockets alike."""
+    if flags & Flag.CLOSE_ON_EXEC:
+        os.set_inheritable(std.fileno(), False)
+    if flags & Flag.DEFERRED_ACCEPT and std.family in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    ):
+        _set_deferred_accept(std)
+
+
+def _set_deferred_accept(std: socket.socket) -> None:
+    defer = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if defer is not None:
+        # Linux: wait up to 1 s (as libevent asks) for the first data before
+        # reporting the connection.
+        std.setsockopt(socket.IPPROTO_TCP, defer, 1)
+        return
+    accept_filter = getattr(socket, "SO_ACCEPTFILTER", None)
+    if accept_filter is not None:  # pragma: no cover - FreeBSD
+        # struct accept_filter_arg { char af_name[16]; char af_arg[240]; }
+        arg = b"dataready".ljust(16, b"\0") + b"\0" * 240
+        std.setsockopt(socket.SOL_SOCKET, accept_filter, arg)
+    # Elsewhere a no-op, as in libevent.

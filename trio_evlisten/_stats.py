@@ -1,0 +1,40 @@
+"""The frozen snapshot that :meth:`ConnListener.statistics` returns."""
+
+from __future__ import annotations
+
+from typing import final
+
+import attrs
+
+
+@final
+@attrs.frozen
+class ListenerStatistics:
+    """A snapshot of a listener's counters, as :meth:`ConnListener.statistics` gives.
+
+    Attributes:
+        accepted: connections accepted since the listener opened.
+        active: handlers running now.
+        errors: ``accept()`` errors reported (out-of-resources and fatal
+            ones; the silently retried kind is counted in ``retried``).
+        retried: ``accept()`` errors retried at once (``ECONNABORTED`` and
+            friends).
+        paused_by_errors: whether accepting is paused now by error backoff.
+        backoff: the pause in seconds after the last error, 0.0 after a
+            success.
+        handler_errors: handlers that ended by raising an ``Exception``.
+        enabled: as :attr:`ConnListener.enabled`.
+        closed: as :attr:`ConnListener.closed`.
+        max_connections: the cap on running handlers, or ``None``.
+    """
+
+    accepted: int
+    active: int
+    errors: int
+    retried: int
+    paused_by_errors: bool
+    backoff: float
+    handler_errors: int
+    enabled: bool
+    closed: bool
+    max_connections: int | None
