@@ -77,6 +77,10 @@ class ListeningSocket:
     #: The caller gave an int fd: we made the socket object around it, so
     #: without CLOSE_ON_FREE we must detach rather than let it close the fd.
     from_fd: bool = False
+    #: ``trio`` wraps a second socket object sharing ``std``'s fd (``std`` is
+    #: a subclass of socket.socket, which trio refuses to wrap); only one of
+    #: the two may close the fd, the other must be detached.
+    twin: bool = False
 
     def release(self, close: bool) -> None:
         """Close the socket (CLOSE_ON_FREE) or leave it open for the caller.
@@ -89,10 +93,18 @@ class ListeningSocket:
                 _unlink_if_ours(self.unlink_path, self.std)
                 self.unlink_path = None
             self.trio.close()
-        elif self.from_fd and self.std.fileno() != -1:
-            # The int fd is the caller's: tell trio it is going away from us,
-            # then let go of it without closing it.
+            if self.twin:
+                self.std.detach()
+            return
+        if self.std.fileno() == -1:
+            return
+        if self.from_fd or self.twin:
+            # Tell trio the fd is going away from it, then let go of it
+            # without closing it: the fd (or the caller's object) keeps it.
             trio.lowlevel.notify_closing(self.std)
+        if self.twin:
+            self.trio.detach()
+        if self.from_fd:
             self.std.detach()
 
 
@@ -253,12 +265,19 @@ def _wrap(sock: SockArg, flags: Flag, backlog: int) -> ListeningSocket:
         if backlog != 0:
             std.listen(backlog if backlog > 0 else default_backlog())
         std.setblocking(False)
-        trio_sock = (
-            sock
-            if isinstance(sock, trio.socket.SocketType)
-            else trio.socket.from_stdlib_socket(std)
-        )
-        return ListeningSocket(std, trio_sock, from_fd=from_fd)
+        twin = False
+        if isinstance(sock, trio.socket.SocketType):
+            trio_sock = sock
+        elif type(std) is socket.socket:
+            trio_sock = trio.socket.from_stdlib_socket(std)
+        else:
+            # A subclass (like testing.ScriptedSocket): trio only wraps exact
+            # socket.socket objects, so give it a twin on the same fd.
+            twin = True
+            trio_sock = trio.socket.from_stdlib_socket(
+                socket.socket(std.family, std.type, std.proto, fileno=std.fileno())
+            )
+        return ListeningSocket(std, trio_sock, from_fd=from_fd, twin=twin)
     except BaseException:
         if from_fd:
             std.detach()

@@ -1,0 +1,52 @@
+"""Shared fixtures: fd-leak checking and small handlers."""
+
+from __future__ import annotations
+
+import gc
+import os
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from trio_evlisten import ConnListener
+
+
+def count_fds() -> int:
+    """How many fds this process has open, from /proc/self/fd."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leaks() -> Iterator[None]:
+    """Every test ends with exactly the fds it started with.
+
+    It is a sync fixture, so it runs outside the test's trio.run: Trio's own
+    epoll fd and wake-up socketpair come and go within the measurement.
+    """
+    gc.collect()
+    before = count_fds()
+    yield
+    gc.collect()
+    after = count_fds()
+    assert after == before, f"fd leak: {before} fds before the test, {after} after"
+
+
+async def echo_handler(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+    """Echo every byte back until EOF."""
+    async for data in conn:
+        await conn.send_all(data)
+
+
+async def recv_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    """Receive exactly ``n`` bytes (or fewer if the peer closes first)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
