@@ -18,7 +18,7 @@ class ListenerStatistics:
         errors: ``accept()`` errors reported (out-of-resources and fatal
             ones; the silently retried kind is counted in ``retried``).
         retried: ``accept()`` errors retried at once (``ECONNABORTED`` and
-            friends).
+            friends; not ``EAGAIN``, which only means the queue is empty).
         paused_by_errors: whether accepting is paused now by error backoff.
         backoff: the pause in seconds after the last error, 0.0 after a
             success.
