@@ -167,18 +167,28 @@ async def _resolve(address: object) -> tuple[int, tuple[object, ...]]:
         raise TypeError(f"address port must be an int, not {port!r}")
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"address port must be in 0..65535, not {port!r}")
-    # AI_PASSIVE: a None/"" host means the wildcard address. Numeric hosts
-    # are resolved without a thread by trio.
-    infos = await trio.socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
+    # A None/"" host is the IPv4 wildcard, spelled out: getaddrinfo's
+    # AI_PASSIVE answer lists "::" first on some systems. A 4-tuple is IPv6
+    # by definition, so a name is resolved to its IPv6 address. Numeric
+    # hosts are resolved by trio without a thread.
+    family = socket.AF_INET6 if len(address) == 4 else socket.AF_UNSPEC
+    try:
+        infos = await trio.socket.getaddrinfo(
+            host or "0.0.0.0",
+            port,
+            family=family,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )
+    except socket.gaierror as exc:
+        if family != socket.AF_INET6:
+            raise
+        raise ValueError(
+            "a 4-tuple address is IPv6 (host, port, flowinfo, scope_id), "
+            f"but {host!r} has no IPv6 address ({exc.strerror})"
+        ) from exc
     family, _, _, _, sockaddr = infos[0]
     if len(address) == 4:
-        if family != socket.AF_INET6:
-            raise ValueError(
-                f"a 4-tuple address is IPv6 (host, port, flowinfo, scope_id), "
-                f"but {host!r} is not an IPv6 host"
-            )
         return family, (sockaddr[0], port, address[2], address[3])
     return family, tuple(sockaddr)
 
