@@ -22,13 +22,14 @@ import errno
 import logging
 import math
 import threading
-from typing import TYPE_CHECKING, Any, Final, Literal, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
 import trio
 
 from ._errors import Backoff, ErrorClass, classify
 from ._flags import Flag
+from ._options import Options
 from ._stats import ListenerStatistics
 
 if TYPE_CHECKING:
@@ -46,9 +47,6 @@ logger: Final = logging.getLogger("trio_evlisten")
 #: it goes back to the scheduler, so a flood of connects cannot starve the
 #: handlers that serve them.
 ACCEPT_BATCH: Final = 64
-
-HandlerErrors = Literal["log", "raise"]
-_HANDLER_ERRORS: Final = ("log", "raise")
 
 
 def _check_cb(cb: object, what: str, *, optional: bool = True) -> None:
@@ -79,8 +77,7 @@ class ConnListener:
     _args: tuple[Any, ...]
     _error_cb: ErrorCallback | None
     _error_args: tuple[Any, ...]
-    _max_connections: int | None
-    _handler_errors: HandlerErrors
+    _options: Options
 
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _enabled: bool = attrs.field(init=False)
@@ -101,6 +98,7 @@ class ConnListener:
     _errors: int = attrs.field(default=0, init=False)
     _retried: int = attrs.field(default=0, init=False)
     _handler_error_count: int = attrs.field(default=0, init=False)
+    _tls_failures: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._enabled = not self._flags & Flag.DISABLED
@@ -192,9 +190,10 @@ class ConnListener:
                 paused_by_errors=self._resume_at > _now(),
                 backoff=self._backoff.current,
                 handler_errors=self._handler_error_count,
+                tls_failures=self._tls_failures,
                 enabled=self._enabled,
                 closed=self._closed,
-                max_connections=self._max_connections,
+                max_connections=self._options.max_connections,
             )
 
     def enable(self) -> None:
@@ -354,7 +353,10 @@ class ConnListener:
             not self._closed
             and self._enabled
             and self._cb is not None
-            and (self._max_connections is None or self._active < self._max_connections)
+            and (
+                self._options.max_connections is None
+                or self._active < self._options.max_connections
+            )
         )
 
     async def _park(self, deadline: float, *, readable: bool = False) -> bool:
@@ -471,6 +473,25 @@ class ConnListener:
             self._active -= 1
             raise
 
+    async def _tls_handshake(
+        self, stream: trio.SocketStream, addr: Any
+    ) -> trio.SSLStream[trio.SocketStream] | None:
+        """Run the server side of the handshake; None if it failed or timed out."""
+        assert self._options.ssl_context is not None
+        tls = trio.SSLStream(stream, self._options.ssl_context, server_side=True)
+        with trio.move_on_after(self._options.tls_handshake_timeout):
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError:
+                # A client that does not speak TLS, or rejects our certificate:
+                # its problem, not the server's; DEBUG keeps busy logs clean.
+                logger.debug("TLS handshake with %r failed", addr, exc_info=True)
+            else:
+                return tls
+        with self._lock:
+            self._tls_failures += 1
+        return None
+
     async def _run_handler(
         self,
         conn: StdSocket | None,
@@ -489,14 +510,20 @@ class ConnListener:
             else:
                 assert conn is not None
                 trio_sock = trio.socket.from_stdlib_socket(conn)
-                await cb(self, trio.SocketStream(trio_sock), addr, *args)
+                stream = trio.SocketStream(trio_sock)
+                if self._options.ssl_context is None:
+                    await cb(self, stream, addr, *args)
+                else:
+                    tls = await self._tls_handshake(stream, addr)
+                    if tls is not None:
+                        await cb(self, tls, addr, *args)
         except trio.BrokenResourceError:
-            if self._handler_errors == "raise":
+            if self._options.handler_errors == "raise":
                 raise
             logger.debug("handler for %r: the peer went away", addr, exc_info=True)
         except Exception:
             self._handler_error_count += 1
-            if self._handler_errors == "raise":
+            if self._options.handler_errors == "raise":
                 raise
             logger.exception("handler for %r raised", addr)
         finally:
@@ -510,7 +537,7 @@ class ConnListener:
                 conn.close()
             with self._lock:
                 self._active -= 1
-                was_full = self._active + 1 == self._max_connections
+                was_full = self._active + 1 == self._options.max_connections
             if was_full:
                 self._wake()
 

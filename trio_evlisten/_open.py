@@ -7,7 +7,7 @@ nursery and decide what leaving the block means.
 
 from __future__ import annotations
 
-import math
+import ssl
 import sys
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._flags import NO_FLAGS, Flag, check_flags
-from ._listener import _HANDLER_ERRORS, ConnListener, HandlerErrors, _check_cb
+from ._listener import ConnListener, _check_cb
+from ._options import TLS_HANDSHAKE_TIMEOUT, HandlerErrors, Options
 from ._socket import make_listening_socket
 
 if sys.version_info < (3, 11):
@@ -26,48 +27,6 @@ if TYPE_CHECKING:
 
     from ._listener import AcceptCallback, ErrorCallback
     from ._socket import Address, SockArg
-
-
-def _check_options(
-    *,
-    max_connections: object,
-    drain_timeout: object,
-    handler_nursery: object,
-    handler_errors: object,
-) -> None:
-    if max_connections is not None and (
-        isinstance(max_connections, bool)
-        or not isinstance(max_connections, int)
-        or max_connections < 1
-    ):
-        raise ValueError(
-            f"max_connections must be None or an int >= 1, not {max_connections!r}"
-        )
-    if drain_timeout is not None:
-        if isinstance(drain_timeout, bool) or not isinstance(
-            drain_timeout, (int, float)
-        ):
-            raise TypeError(
-                f"drain_timeout must be None or seconds, not {drain_timeout!r}"
-            )
-        if math.isnan(drain_timeout) or drain_timeout < 0:
-            raise ValueError(
-                f"drain_timeout must be None or >= 0 seconds, not {drain_timeout!r}"
-            )
-        if handler_nursery is not None:
-            raise ValueError(
-                "drain_timeout has no effect with handler_nursery=: the handlers "
-                "belong to that nursery and outlive the listener; cancel it "
-                "yourself, or leave out handler_nursery="
-            )
-    if handler_nursery is not None and not isinstance(handler_nursery, trio.Nursery):
-        raise TypeError(
-            f"handler_nursery must be a trio.Nursery or None, not {handler_nursery!r}"
-        )
-    if handler_errors not in _HANDLER_ERRORS:
-        raise ValueError(
-            f"handler_errors must be 'log' or 'raise', not {handler_errors!r}"
-        )
 
 
 @asynccontextmanager
@@ -83,6 +42,8 @@ async def open_listener(
     drain_timeout: float | None = None,
     handler_nursery: trio.Nursery | None = None,
     handler_errors: HandlerErrors = "log",
+    ssl_context: ssl.SSLContext | None = None,
+    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
 ) -> AsyncIterator[ConnListener]:
     """Listen for connections while the ``async with`` block runs.
 
@@ -115,6 +76,12 @@ async def open_listener(
         handler_errors: ``"log"`` (default) logs an exception escaping a
             handler and goes on; ``"raise"`` lets it propagate, which ends
             the listener and everything in its nursery.
+        ssl_context: serve TLS: each handler gets a :class:`trio.SSLStream`
+            whose handshake has already completed, run in the handler's own
+            task. A failed or slow handshake drops the connection (logged at
+            DEBUG, counted in ``statistics().tls_failures``); the handler is
+            not called.
+        tls_handshake_timeout: seconds the handshake may take.
 
     Yields:
         The running :class:`ConnListener`.
@@ -152,26 +119,20 @@ async def open_listener(
     flags = check_flags(flags)
     _check_cb(cb, "cb")
     _check_cb(error_cb, "error_cb")
-    _check_options(
+    options = Options(
         max_connections=max_connections,
         drain_timeout=drain_timeout,
         handler_nursery=handler_nursery,
         handler_errors=handler_errors,
+        ssl_context=ssl_context,
+        tls_handshake_timeout=tls_handshake_timeout,
     )
+    options.check(flags)
     lsock = await make_listening_socket(
         address=address, sock=sock, flags=flags, backlog=backlog
     )
     try:
-        listener = ConnListener(
-            lsock,
-            flags,
-            cb,
-            args,
-            error_cb,
-            (),
-            max_connections,
-            handler_errors,
-        )
+        listener = ConnListener(lsock, flags, cb, args, error_cb, (), options)
     except BaseException:
         lsock.release(close=bool(flags & Flag.CLOSE_ON_FREE))
         raise
@@ -223,6 +184,8 @@ async def serve_listener(
     drain_timeout: float | None = None,
     handler_nursery: trio.Nursery | None = None,
     handler_errors: HandlerErrors = "log",
+    ssl_context: ssl.SSLContext | None = None,
+    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
     task_status: trio.TaskStatus[ConnListener] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a listener as a task: for ``await nursery.start(...)``.
@@ -254,6 +217,8 @@ async def serve_listener(
         drain_timeout=drain_timeout,
         handler_nursery=handler_nursery,
         handler_errors=handler_errors,
+        ssl_context=ssl_context,
+        tls_handshake_timeout=tls_handshake_timeout,
     ) as listener:
         task_status.started(listener)
         await listener._closed_event.wait()

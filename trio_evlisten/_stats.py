@@ -22,7 +22,11 @@ class ListenerStatistics:
         paused_by_errors: whether accepting is paused now by error backoff.
         backoff: the pause in seconds after the last error, 0.0 after a
             success.
-        handler_errors: handlers that ended by raising an ``Exception``.
+        handler_errors: handlers that ended by raising an ``Exception``
+            other than :exc:`trio.BrokenResourceError` (a peer going away is
+            not counted as the handler's error).
+        tls_failures: TLS handshakes that failed or timed out (with
+            ``ssl_context=``); their handlers never ran.
         enabled: as :attr:`ConnListener.enabled`.
         closed: as :attr:`ConnListener.closed`.
         max_connections: the cap on running handlers, or ``None``.
@@ -35,6 +39,7 @@ class ListenerStatistics:
     paused_by_errors: bool
     backoff: float
     handler_errors: int
+    tls_failures: int
     enabled: bool
     closed: bool
     max_connections: int | None

@@ -1,0 +1,88 @@
+"""The listener's options beyond libevent's, checked once, kept frozen."""
+
+from __future__ import annotations
+
+import math
+import ssl
+from typing import Final, Literal
+
+import attrs
+import trio
+
+from ._flags import Flag
+
+HandlerErrors = Literal["log", "raise"]
+_HANDLER_ERRORS: Final = ("log", "raise")
+
+#: How long a TLS handshake may take, by default, before the connection is
+#: dropped (it runs in the handler's task, so it never blocks accepting).
+TLS_HANDSHAKE_TIMEOUT: Final = 10.0
+
+
+def _seconds(name: str, value: object, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be {'None or ' if optional else ''}seconds, not {value!r}"
+        )
+    if math.isnan(value) or value < 0:
+        raise ValueError(
+            f"{name} must be {'None or ' if optional else ''}>= 0 seconds, "
+            f"not {value!r}"
+        )
+
+
+@attrs.frozen(kw_only=True)
+class Options:
+    """What ``open_listener`` takes besides the socket, flags and callbacks."""
+
+    max_connections: int | None = None
+    drain_timeout: float | None = None
+    handler_nursery: trio.Nursery | None = None
+    handler_errors: HandlerErrors = "log"
+    ssl_context: ssl.SSLContext | None = None
+    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
+
+    def check(self, flags: Flag) -> None:
+        """Raise TypeError/ValueError, naming the value, for a bad option."""
+        max_connections = self.max_connections
+        if max_connections is not None:
+            if isinstance(max_connections, bool) or not isinstance(
+                max_connections, int
+            ):
+                raise TypeError(
+                    f"max_connections must be None or an int, not {max_connections!r}"
+                )
+            if max_connections < 1:
+                raise ValueError(
+                    f"max_connections must be None or >= 1, not {max_connections!r}"
+                )
+        _seconds("drain_timeout", self.drain_timeout, optional=True)
+        if self.handler_nursery is not None:
+            if not isinstance(self.handler_nursery, trio.Nursery):
+                raise TypeError(
+                    "handler_nursery must be a trio.Nursery or None, "
+                    f"not {self.handler_nursery!r}"
+                )
+            if self.drain_timeout is not None:
+                raise ValueError(
+                    "drain_timeout has no effect with handler_nursery=: the "
+                    "handlers belong to that nursery and outlive the listener; "
+                    "cancel it yourself, or leave out handler_nursery="
+                )
+        if self.handler_errors not in _HANDLER_ERRORS:
+            raise ValueError(
+                f"handler_errors must be 'log' or 'raise', not {self.handler_errors!r}"
+            )
+        if self.ssl_context is not None:
+            if not isinstance(self.ssl_context, ssl.SSLContext):
+                raise TypeError(
+                    f"ssl_context must be an ssl.SSLContext, not {self.ssl_context!r}"
+                )
+            if flags & Flag.LEAVE_SOCKETS_BLOCKING:
+                raise ValueError(
+                    "ssl_context= hands handlers a trio.SSLStream, which "
+                    "Flag.LEAVE_SOCKETS_BLOCKING (plain blocking sockets) excludes"
+                )
+        _seconds("tls_handshake_timeout", self.tls_handshake_timeout, optional=False)
