@@ -48,6 +48,10 @@ logger: Final = logging.getLogger("trio_evlisten")
 #: handlers that serve them.
 ACCEPT_BATCH: Final = 64
 
+#: How long the listener waits to send TLS's close_notify after a handler
+#: returns before it closes the connection anyway.
+TLS_CLOSE_TIMEOUT: Final = 1.0
+
 
 def _check_cb(cb: object, what: str, *, optional: bool = True) -> None:
     if cb is None and optional:
@@ -517,6 +521,11 @@ class ConnListener:
                     tls = await self._tls_handshake(stream, addr)
                     if tls is not None:
                         await cb(self, tls, addr, *args)
+                        # Say goodbye properly (close_notify), so the client
+                        # can tell our close from a truncation attack; but
+                        # never wait long for a peer that does not read.
+                        with trio.move_on_after(TLS_CLOSE_TIMEOUT):
+                            await tls.aclose()
         except trio.BrokenResourceError:
             if self._options.handler_errors == "raise":
                 raise
