@@ -35,7 +35,9 @@ def no_fd_leaks() -> Iterator[None]:
     assert after == before, f"fd leak: {before} fds before the test, {after} after"
 
 
-async def echo_handler(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def echo_handler(
+    listener: ConnListener, conn: trio.SocketStream, addr: object
+) -> None:
     """Echo every byte back until EOF."""
     async for data in conn:
         await conn.send_all(data)
