@@ -1,5 +1,6 @@
 """libevent's evconnlistener, carried into Trio's structured concurrency."""
 
+from ._activation import activation_sockets as activation_sockets
 from ._errors import BACKOFF_MAX as BACKOFF_MAX
 from ._errors import BACKOFF_MIN as BACKOFF_MIN
 from ._flags import LEV_OPT_BIND_IPV6ONLY as LEV_OPT_BIND_IPV6ONLY
@@ -34,11 +35,19 @@ __all__ = [
     "Flag",
     "ListenerStatistics",
     "__version__",
+    "activation_sockets",
     "open_listener",
     "serve_listener",
 ]
 
 # Show users and docs the public home of each name, as trio does.
-for _obj in (ConnListener, Flag, ListenerStatistics, open_listener, serve_listener):
+for _obj in (
+    ConnListener,
+    Flag,
+    ListenerStatistics,
+    activation_sockets,
+    open_listener,
+    serve_listener,
+):
     _obj.__module__ = __name__
 del _obj

@@ -12,27 +12,33 @@ class Flag(enum.IntFlag):
 
     Combine them with ``|``; ``Flag(0)`` means none. Because the values are
     libevent's, a ``flags`` integer carried over from C code means the same here.
+
+    Attributes:
+        LEAVE_SOCKETS_BLOCKING: Accepted connections are left blocking and
+            handed to the callback as plain :class:`socket.socket` objects
+            that the handler owns.
+        CLOSE_ON_FREE: Closing the listener closes its listening socket.
+        CLOSE_ON_EXEC: The listening socket is made non-inheritable
+            (close-on-exec).
+        REUSEABLE: ``SO_REUSEADDR`` before bind.
+        THREADSAFE: ``enable``/``disable``/``set_cb``/``set_error_cb``/``close``
+            may be called from any thread.
+        DISABLED: The listener starts disabled.
+        DEFERRED_ACCEPT: Linux ``TCP_DEFER_ACCEPT`` / FreeBSD
+            ``SO_ACCEPTFILTER`` "dataready".
+        REUSEABLE_PORT: ``SO_REUSEPORT`` before bind.
+        BIND_IPV6ONLY: ``IPV6_V6ONLY`` on an IPv6 listener (otherwise it is
+            dual-stack).
     """
 
-    #: Accepted connections are left blocking and handed to the callback as
-    #: plain :class:`socket.socket` objects that the handler owns.
     LEAVE_SOCKETS_BLOCKING = 1 << 0
-    #: Closing the listener closes its listening socket.
     CLOSE_ON_FREE = 1 << 1
-    #: The listening socket is made non-inheritable (close-on-exec).
     CLOSE_ON_EXEC = 1 << 2
-    #: ``SO_REUSEADDR`` before bind.
     REUSEABLE = 1 << 3
-    #: ``enable``/``disable``/``set_cb``/``set_error_cb``/``close`` may be called
-    #: from any thread.
     THREADSAFE = 1 << 4
-    #: The listener starts disabled.
     DISABLED = 1 << 5
-    #: Linux ``TCP_DEFER_ACCEPT`` / FreeBSD ``SO_ACCEPTFILTER`` "dataready".
     DEFERRED_ACCEPT = 1 << 6
-    #: ``SO_REUSEPORT`` before bind.
     REUSEABLE_PORT = 1 << 7
-    #: ``IPV6_V6ONLY`` on an IPv6 listener (otherwise it is dual-stack).
     BIND_IPV6ONLY = 1 << 8
 
 

@@ -30,6 +30,7 @@ import trio
 from ._errors import Backoff, ErrorClass, classify
 from ._flags import Flag
 from ._options import Options
+from ._proxy_gate import REJECTED, ProxyGate
 from ._stats import ListenerStatistics
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ class ConnListener:
     _retried: int = attrs.field(default=0, init=False)
     _handler_error_count: int = attrs.field(default=0, init=False)
     _tls_failures: int = attrs.field(default=0, init=False)
+    _proxy: ProxyGate | None = attrs.field(default=None, init=False)
     _task_name: str = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -113,6 +115,10 @@ class ConnListener:
             else contextlib.nullcontext()
         )
         self._sockname = self._lsock.std.getsockname()
+        if self._options.proxy_protocol:
+            self._proxy = ProxyGate(
+                self._options.proxy_trusted, self._options.proxy_timeout, self._sockname
+            )
         self._task_name = _task_name(self._cb)
 
     # ------------------------------------------------------------------
@@ -197,6 +203,7 @@ class ConnListener:
                 backoff=self._backoff.current,
                 handler_errors=self._handler_error_count,
                 tls_failures=self._tls_failures,
+                proxy_rejected=0 if self._proxy is None else self._proxy.rejected,
                 enabled=self._enabled,
                 closed=self._closed,
                 max_connections=self._options.max_connections,
@@ -515,6 +522,14 @@ class ConnListener:
         try:
             if self._flags & Flag.LEAVE_SOCKETS_BLOCKING:
                 assert conn is not None
+                if self._proxy is not None:
+                    # Read while the socket is still non-blocking, in this
+                    # task (never the accept loop's), before anything else.
+                    addr = await self._proxy.read(
+                        trio.socket.from_stdlib_socket(conn), addr
+                    )
+                    if addr is REJECTED:
+                        return
                 conn.setblocking(True)
                 # From here on the handler owns the socket.
                 conn_for_handler, conn = conn, None
@@ -522,6 +537,11 @@ class ConnListener:
             else:
                 assert conn is not None
                 trio_sock = trio.socket.from_stdlib_socket(conn)
+                if self._proxy is not None:
+                    # Before the TLS handshake: the header comes in clear.
+                    addr = await self._proxy.read(trio_sock, addr)
+                    if addr is REJECTED:
+                        return
                 stream = trio.SocketStream(trio_sock)
                 if self._options.ssl_context is None:
                     await cb(self, stream, addr, *args)

@@ -17,15 +17,17 @@ import trio
 from ._flags import NO_FLAGS, Flag, check_flags
 from ._listener import ConnListener, _check_cb
 from ._options import TLS_HANDSHAKE_TIMEOUT, HandlerErrors, Options
+from ._proxy_gate import PROXY_TIMEOUT
 from ._socket import make_listening_socket
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterable
 
     from ._listener import AcceptCallback, ErrorCallback
+    from ._proxy_gate import Network
     from ._socket import Address, SockArg
 
 
@@ -44,6 +46,9 @@ async def open_listener(
     handler_errors: HandlerErrors = "log",
     ssl_context: ssl.SSLContext | None = None,
     tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
+    proxy_protocol: bool = False,
+    proxy_trusted: Iterable[str | Network] | None = None,
+    proxy_timeout: float = PROXY_TIMEOUT,
 ) -> AsyncIterator[ConnListener]:
     """Listen for connections while the ``async with`` block runs.
 
@@ -82,6 +87,19 @@ async def open_listener(
             DEBUG, counted in ``statistics().tls_failures``); the handler is
             not called.
         tls_handshake_timeout: seconds the handshake may take.
+        proxy_protocol: every connection starts with a PROXY protocol v1 or
+            v2 header (HAProxy's, as HAProxy and nginx send it), read in the
+            handler's task before any TLS handshake; ``addr`` is then the
+            original client's (the real peer's for ``LOCAL``/``UNKNOWN``).
+            Exactly the header's bytes are consumed. A peer outside
+            ``proxy_trusted``, or a bad, truncated or slow header, drops the
+            connection without calling the handler (counted in
+            ``statistics().proxy_rejected``; at most one WARNING per 10 s).
+        proxy_trusted: the networks (``"10.0.0.0/8"``, ``"::1"``,
+            :mod:`ipaddress` networks) that may send a header; ``None``
+            means loopback only (``127.0.0.0/8``, ``::1``). Unix-socket
+            peers are always trusted.
+        proxy_timeout: seconds the header may take to arrive.
 
     Yields:
         The running :class:`ConnListener`.
@@ -126,6 +144,9 @@ async def open_listener(
         handler_errors=handler_errors,
         ssl_context=ssl_context,
         tls_handshake_timeout=tls_handshake_timeout,
+        proxy_protocol=proxy_protocol,
+        proxy_trusted=proxy_trusted,
+        proxy_timeout=proxy_timeout,
     )
     options.check(flags)
     lsock = await make_listening_socket(
@@ -186,6 +207,9 @@ async def serve_listener(
     handler_errors: HandlerErrors = "log",
     ssl_context: ssl.SSLContext | None = None,
     tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
+    proxy_protocol: bool = False,
+    proxy_trusted: Iterable[str | Network] | None = None,
+    proxy_timeout: float = PROXY_TIMEOUT,
     task_status: trio.TaskStatus[ConnListener] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a listener as a task: for ``await nursery.start(...)``.
@@ -219,6 +243,9 @@ async def serve_listener(
         handler_errors=handler_errors,
         ssl_context=ssl_context,
         tls_handshake_timeout=tls_handshake_timeout,
+        proxy_protocol=proxy_protocol,
+        proxy_trusted=proxy_trusted,
+        proxy_timeout=proxy_timeout,
     ) as listener:
         task_status.started(listener)
         await listener._closed_event.wait()

@@ -10,6 +10,7 @@ import attrs
 import trio
 
 from ._flags import Flag
+from ._proxy_gate import PROXY_TIMEOUT, Network, trusted_networks
 
 HandlerErrors = Literal["log", "raise"]
 _HANDLER_ERRORS: Final = ("log", "raise")
@@ -43,6 +44,13 @@ class Options:
     handler_errors: HandlerErrors = "log"
     ssl_context: ssl.SSLContext | None = None
     tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
+    proxy_protocol: bool = False
+    # Converted at once (it may be a one-shot iterable); the converter raises
+    # TypeError/ValueError naming a bad item.
+    proxy_trusted: tuple[Network, ...] = attrs.field(
+        default=None, converter=trusted_networks
+    )
+    proxy_timeout: float = PROXY_TIMEOUT
 
     def check(self, flags: Flag) -> None:
         """Raise TypeError/ValueError, naming the value, for a bad option."""
@@ -86,3 +94,8 @@ class Options:
                     "Flag.LEAVE_SOCKETS_BLOCKING (plain blocking sockets) excludes"
                 )
         _seconds("tls_handshake_timeout", self.tls_handshake_timeout, optional=False)
+        if not isinstance(self.proxy_protocol, bool):
+            raise TypeError(
+                f"proxy_protocol must be True or False, not {self.proxy_protocol!r}"
+            )
+        _seconds("proxy_timeout", self.proxy_timeout, optional=False)

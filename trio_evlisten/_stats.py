@@ -27,6 +27,9 @@ class ListenerStatistics:
             not counted as the handler's error).
         tls_failures: TLS handshakes that failed or timed out (with
             ``ssl_context=``); their handlers never ran.
+        proxy_rejected: connections dropped (with ``proxy_protocol=True``)
+            for a peer outside ``proxy_trusted`` or a bad, truncated or slow
+            PROXY header; their handlers never ran.
         enabled: as :attr:`ConnListener.enabled`.
         closed: as :attr:`ConnListener.closed`.
         max_connections: the cap on running handlers, or ``None``.
@@ -40,6 +43,7 @@ class ListenerStatistics:
     backoff: float
     handler_errors: int
     tls_failures: int
+    proxy_rejected: int
     enabled: bool
     closed: bool
     max_connections: int | None

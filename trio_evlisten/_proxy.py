@@ -1,0 +1,321 @@
+"""The PROXY protocol, versions 1 and 2: parsing the header, and reading it.
+
+HAProxy's ``proxy-protocol.txt`` is the spec. A load balancer that speaks it
+opens its connection to us with one header naming the original client, then
+relays the client's bytes. Three layers, each testable alone:
+
+* :func:`header_length`: from the first bytes (peeked, not consumed), which
+  version this is and how long its header is, or ``None`` for "need more".
+* :func:`parse_header`: the complete header's bytes to a :class:`ProxyHeader`.
+* :func:`read_header`: on a trio socket, peek until the header is complete,
+  then ``recv()`` exactly its length, so that not one byte of the
+  application's data is taken (the spec's "the receiver must only consume
+  the header").
+
+:class:`._proxy_gate.ProxyGate` puts them together for the listener: the
+trust check, the timeout, the count and the rate-limited warning.
+
+Everything wrong with a header raises :exc:`ProxyHeaderError`, and nothing
+else does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import socket
+import struct
+from typing import Any, Final, Literal
+
+import attrs
+import trio
+
+#: The v2 header starts with these 12 bytes (chosen to be invalid in every
+#: text protocol, so no client could send them by accident).
+V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
+#: Signature, version/command, family/protocol, 2-byte length.
+V2_FIXED: Final = 16
+#: The largest v2 header (with TLVs) we take. The spec allows 16 + 65535;
+#: the addresses need at most 216 bytes and the TLVs HAProxy sends (ALPN,
+#: authority, unique id, SSL details) a few hundred more, so 4 KiB leaves
+#: room while bounding what one connection can make us buffer.
+V2_MAX: Final = 4096
+V1_PREFIX: Final = b"PROXY "
+#: The spec's limit, CRLF included: "PROXY UNKNOWN " + two full-length
+#: IPv6 addresses + two 5-digit ports, spaces between.
+V1_MAX: Final = 107
+
+#: Polling for the rest of a header that arrived in pieces (see read_header).
+POLL_MIN: Final = 0.001
+POLL_MAX: Final = 0.05
+
+# v2 family/protocol byte: the only values the spec allows.
+_V2_FAMILIES: Final = {
+    0x00: None,
+    0x11: socket.AF_INET,
+    0x12: socket.AF_INET,
+    0x21: socket.AF_INET6,
+    0x22: socket.AF_INET6,
+    0x31: socket.AF_UNIX,
+    0x32: socket.AF_UNIX,
+}
+_V2_ADDR_LEN: Final = {socket.AF_INET: 12, socket.AF_INET6: 36, socket.AF_UNIX: 216}
+_V1_PORT: Final = re.compile(r"0|[1-9][0-9]{0,4}")
+
+
+class ProxyHeaderError(ValueError):
+    """A PROXY header is malformed, too long, truncated or not there at all."""
+
+
+@attrs.frozen
+class ProxyHeader:
+    """One parsed PROXY header.
+
+    Attributes:
+        version: 1 or 2.
+        command: ``"PROXY"`` (relayed: the addresses are the client's) or
+            ``"LOCAL"`` (v2 health checks and the like; v1 ``UNKNOWN`` also
+            maps here): use the real peer's address.
+        source: the original client's address in the shape ``accept()``
+            gives for its family (``(host, port)``, ``(host, port, 0, 0)``,
+            a Unix path), or ``None`` for ``LOCAL``.
+        destination: the address the client connected to, same shape.
+        length: the header's length in bytes, all of which were consumed.
+    """
+
+    version: Literal[1, 2]
+    command: Literal["PROXY", "LOCAL"]
+    source: Any
+    destination: Any
+    length: int
+
+
+def header_length(prefix: bytes) -> int | None:
+    """The total header length that ``prefix`` announces, or ``None`` if unsure.
+
+    ``prefix`` is what has arrived so far (peeked). ``None`` means more bytes
+    are needed to tell; the answer never asks for more than :data:`V2_MAX`
+    bytes.
+
+    Raises:
+        ProxyHeaderError: ``prefix`` cannot start a valid header.
+    """
+    if not prefix:
+        return None
+    n = min(len(prefix), len(V2_SIGNATURE))
+    if prefix[:n] == V2_SIGNATURE[:n]:
+        if len(prefix) < V2_FIXED:
+            return None
+        version = prefix[12] >> 4
+        if version != 2:
+            raise ProxyHeaderError(
+                f"PROXY v2 signature with version {version}, not 2 "
+                f"(byte 13 is {prefix[12]:#04x})"
+            )
+        total = V2_FIXED + int.from_bytes(prefix[14:16], "big")
+        if total > V2_MAX:
+            raise ProxyHeaderError(
+                f"PROXY v2 header of {total} bytes, over our limit of {V2_MAX}"
+            )
+        return total
+    n = min(len(prefix), len(V1_PREFIX))
+    if prefix[:n] == V1_PREFIX[:n]:
+        end = prefix.find(b"\n", 0, V1_MAX)
+        if end >= 0:
+            return end + 1
+        if len(prefix) >= V1_MAX:
+            raise ProxyHeaderError(
+                f"PROXY v1 header without CRLF in its first {V1_MAX} bytes"
+            )
+        return None
+    raise ProxyHeaderError(
+        f"the connection does not start with a PROXY header: {prefix[:16]!r}"
+    )
+
+
+def parse_header(data: bytes) -> ProxyHeader:
+    """Parse one complete header: exactly the ``header_length(data)`` bytes.
+
+    Raises:
+        ProxyHeaderError: ``data`` is not exactly one valid header.
+    """
+    length = header_length(data)
+    if length is None or length != len(data):
+        raise ProxyHeaderError(
+            f"expected one complete PROXY header, not {len(data)} bytes "
+            f"(announced length: {length})"
+        )
+    if data.startswith(V1_PREFIX):
+        return _parse_v1(data)
+    return _parse_v2(data)
+
+
+def _parse_v1(data: bytes) -> ProxyHeader:
+    if not data.endswith(b"\r\n") or b"\r" in data[:-2]:
+        raise ProxyHeaderError(f"PROXY v1 header not ended by CRLF: {data!r}")
+    try:
+        line = data[:-2].decode("ascii")
+    except UnicodeDecodeError:
+        raise ProxyHeaderError(f"PROXY v1 header is not ASCII: {data!r}") from None
+    fields = line.split(" ")
+    if len(fields) >= 2 and fields[1] == "UNKNOWN":
+        # The spec: the receiver ignores whatever follows UNKNOWN.
+        return ProxyHeader(1, "LOCAL", None, None, len(data))
+    if len(fields) != 6 or fields[1] not in ("TCP4", "TCP6"):
+        raise ProxyHeaderError(
+            "PROXY v1 header must be 'PROXY TCP4|TCP6 src dst sport dport' "
+            f"or 'PROXY UNKNOWN ...', not {line!r}"
+        )
+    family = socket.AF_INET if fields[1] == "TCP4" else socket.AF_INET6
+    src, dst = (_v1_host(family, h, line) for h in fields[2:4])
+    sport, dport = (_v1_port(p, line) for p in fields[4:6])
+    return ProxyHeader(
+        1,
+        "PROXY",
+        _sockaddr(family, src, sport),
+        _sockaddr(family, dst, dport),
+        len(data),
+    )
+
+
+def _v1_host(family: int, text: str, line: str) -> str:
+    try:
+        # inet_pton is strict (no leading zeros, no names); inet_ntop then
+        # gives the kernel's own spelling, as accept() would.
+        return socket.inet_ntop(family, socket.inet_pton(family, text))
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        raise ProxyHeaderError(
+            f"bad {'IPv4' if family == socket.AF_INET else 'IPv6'} address "
+            f"{text!r} in PROXY v1 header {line!r}"
+        ) from None
+
+
+def _v1_port(text: str, line: str) -> int:
+    if _V1_PORT.fullmatch(text) is None or int(text) > 0xFFFF:
+        raise ProxyHeaderError(f"bad port {text!r} in PROXY v1 header {line!r}")
+    return int(text)
+
+
+def _sockaddr(family: int, host: str, port: int) -> tuple[Any, ...]:
+    if family == socket.AF_INET6:
+        return (host, port, 0, 0)
+    return (host, port)
+
+
+def _parse_v2(data: bytes) -> ProxyHeader:
+    command = data[12] & 0x0F
+    if command == 0x0:
+        # LOCAL: the proxy's own connection (a health check); the spec says
+        # to ignore the address block, family included.
+        return ProxyHeader(2, "LOCAL", None, None, len(data))
+    if command != 0x1:
+        raise ProxyHeaderError(
+            f"PROXY v2 command {command:#x} is neither LOCAL (0) nor PROXY (1)"
+        )
+    fam = data[13]
+    if fam not in _V2_FAMILIES:
+        raise ProxyHeaderError(f"PROXY v2 family/protocol byte {fam:#04x} is invalid")
+    family = _V2_FAMILIES[fam]
+    if family is None:
+        # UNSPEC: the spec says to use the real connection's addresses.
+        return ProxyHeader(2, "LOCAL", None, None, len(data))
+    body = data[V2_FIXED:]
+    need = _V2_ADDR_LEN[family]
+    if len(body) < need:
+        raise ProxyHeaderError(
+            f"PROXY v2 address block of {len(body)} bytes, family {family.name} "
+            f"needs {need}"
+        )
+    # What follows the addresses is TLVs; nothing here needs them.
+    if family == socket.AF_UNIX:
+        src: Any = _unix_path(body[:108])
+        dst: Any = _unix_path(body[108:216])
+    else:
+        size = 4 if family == socket.AF_INET else 16
+        sport, dport = struct.unpack_from("!HH", body, 2 * size)
+        src = _sockaddr(family, socket.inet_ntop(family, body[:size]), sport)
+        dst = _sockaddr(family, socket.inet_ntop(family, body[size : 2 * size]), dport)
+    return ProxyHeader(2, "PROXY", src, dst, len(data))
+
+
+def _unix_path(raw: bytes) -> str | bytes:
+    if raw[:1] == b"\0":
+        # Linux's abstract namespace; accept() gives those as bytes too.
+        return raw.rstrip(b"\0")
+    return os.fsdecode(raw.split(b"\0", 1)[0])
+
+
+async def read_header(sock: trio.socket.SocketType) -> ProxyHeader:
+    """Read one PROXY header from ``sock``, consuming exactly its bytes.
+
+    Peek (``MSG_PEEK``) up to 16 bytes to tell the version and, for v2, the
+    length; peek the whole header; then ``recv()`` exactly that many bytes.
+    The application's bytes after the header stay in the socket.
+
+    A header nearly always arrives in one segment (the spec asks senders to
+    send it at once). If it comes in pieces, waiting for readability would
+    spin (the peeked bytes keep the socket readable), so the rest is polled
+    for, 1 ms doubling to 50 ms; only trusted peers get this far, and the
+    caller's timeout bounds it.
+
+    Raises:
+        ProxyHeaderError: a bad header, or the peer closed the connection
+            (or reset it) before the header was complete.
+    """
+    want = V2_FIXED
+    seen = 0
+    delay = POLL_MIN
+    while True:
+        asked = want
+        try:
+            data = await sock.recv(asked, socket.MSG_PEEK)
+        except OSError as exc:
+            raise ProxyHeaderError(
+                f"connection failed before the header: {exc}"
+            ) from exc
+        if not data:
+            raise ProxyHeaderError(
+                f"connection closed after {seen} bytes, before the PROXY header ended"
+            )
+        total = header_length(data)
+        if total is not None and len(data) >= total:
+            break
+        # header_length() raised rather than ask for more than it allows, so
+        # each ``continue`` below asks for strictly more: no spinning.
+        want = V1_MAX if total is None else total
+        if len(data) == asked:
+            continue  # we got all we asked for; there may be more already
+        if len(data) > seen:
+            seen, delay = len(data), POLL_MIN
+        if _peer_closed(sock):
+            raise ProxyHeaderError(
+                f"connection closed after {seen} bytes, before the PROXY header ended"
+            )
+        await trio.sleep(delay)
+        delay = min(delay * 2, POLL_MAX)
+    buf = bytearray()
+    while len(buf) < total:
+        try:
+            chunk = await sock.recv(total - len(buf))
+        except OSError as exc:  # pragma: no cover - the bytes were just peeked
+            raise ProxyHeaderError(
+                f"connection failed reading the header: {exc}"
+            ) from exc
+        if not chunk:  # pragma: no cover - likewise
+            raise ProxyHeaderError("connection closed while reading the header")
+        buf += chunk
+    return parse_header(bytes(buf))
+
+
+def _peer_closed(sock: trio.socket.SocketType) -> bool:
+    """Whether the peer has shut down its side (Linux ``POLLRDHUP``).
+
+    Where that is unknown, ``False``: the caller's timeout then ends the wait.
+    """
+    rdhup = getattr(select, "POLLRDHUP", None)
+    if rdhup is None or not hasattr(select, "poll"):  # pragma: no cover
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), rdhup | select.POLLHUP)
+    return bool(poller.poll(0))

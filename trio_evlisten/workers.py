@@ -1,0 +1,445 @@
+"""Run a handler in N worker processes that share one port (``SO_REUSEPORT``).
+
+Usage::
+
+    python -m trio_evlisten.workers --port 8000 --workers 4 [--host 127.0.0.1] \\
+        [MODULE:FUNC]
+
+``MODULE:FUNC`` names an accept callback, ``async def cb(listener, conn,
+addr)`` (default: :func:`echo`); the current directory is on ``sys.path``,
+as with ``python -m``. Each worker is a separate Python process with its own
+Trio loop and its own listening socket, opened with ``Flag.REUSEABLE_PORT``
+on the same address, so the kernel spreads new connections over the workers
+(by a hash of the client's address and port) and a busy or crashed worker
+does not stop the others.
+
+The supervisor (the process you start) does no I/O on the port. It:
+
+* reserves the address first (a bound, never listening socket with
+  ``SO_REUSEPORT``), so ``--port 0`` works (the chosen port is logged) and
+  nothing else can take the port while a worker restarts;
+* restarts a worker that exits, unless more than ``--max-restarts`` restarts
+  happened within ``--restart-window`` seconds: then it stops everything and
+  exits with status 1 (a crash loop is a bug to fix, not to hide);
+* on SIGINT or SIGTERM sends SIGTERM to every worker, waits up to
+  ``--shutdown-timeout`` seconds, SIGKILLs what is left, reaps them all and
+  exits with status 0. A second signal SIGKILLs at once.
+
+A worker on SIGTERM/SIGINT stops accepting, lets running handlers finish for
+``--drain-timeout`` seconds, cancels the rest and exits 0. It also exits by
+itself if its supervisor disappears (it checks its parent pid every second),
+so a SIGKILLed supervisor leaves no orphans serving the port for long.
+
+``--proxy-protocol`` (with ``--proxy-trusted NETWORK``, repeatable; default
+loopback) opens the workers' listeners with ``proxy_protocol=True``, for
+running behind HAProxy or nginx.
+
+Log lines go to stderr; ``worker pid N serving on HOST:PORT`` says a worker
+is accepting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import trio
+
+from ._flags import Flag
+from ._open import open_listener
+from ._proxy_gate import trusted_networks
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+    from ._listener import AcceptCallback, ConnListener
+
+logger: Final = logging.getLogger("trio_evlisten.workers")
+
+DEFAULT_HANDLER: Final = "trio_evlisten.workers:echo"
+#: How often a worker checks that its supervisor is still there.
+PARENT_CHECK_INTERVAL: Final = 1.0
+
+
+async def echo(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+    """The default handler: send every byte back until the client closes."""
+    async for data in conn:
+        await conn.send_all(data)
+
+
+def load_handler(spec: str) -> AcceptCallback:
+    """Import ``MODULE:FUNC`` (``FUNC`` may be dotted) and return it.
+
+    Raises:
+        ValueError: ``spec`` is not ``MODULE:FUNC``, or names no callable.
+        ImportError: the module cannot be imported.
+    """
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise ValueError(f"handler must be MODULE:FUNC, not {spec!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"{spec!r}: {module_name} has no {attr_path}") from None
+    if not callable(obj):
+        raise ValueError(f"{spec!r} is not callable: {obj!r}")
+    handler: AcceptCallback = obj
+    return handler
+
+
+# ----------------------------------------------------------------------
+# The worker
+
+
+async def run_worker(
+    handler: AcceptCallback,
+    host: str,
+    port: int,
+    *,
+    drain_timeout: float,
+    supervisor_pid: int | None,
+    proxy_protocol: bool = False,
+    proxy_trusted: list[str] | None = None,
+) -> None:
+    """Serve ``handler`` on ``(host, port)`` with ``REUSEABLE_PORT`` until told to stop.
+
+    Returns on SIGTERM/SIGINT (after draining handlers for ``drain_timeout``
+    seconds), or when the parent is no longer ``supervisor_pid``.
+
+    Resource handling:
+        The listening socket is closed (``CLOSE_ON_FREE``) on return.
+    """
+    flags = Flag.REUSEABLE | Flag.REUSEABLE_PORT | Flag.CLOSE_ON_FREE
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with (
+            open_listener(
+                handler,
+                address=(host, port),
+                flags=flags,
+                drain_timeout=drain_timeout,
+                proxy_protocol=proxy_protocol,
+                proxy_trusted=proxy_trusted,
+            ) as listener,
+            trio.open_nursery() as nursery,
+        ):
+            logger.info(
+                "worker pid %d serving on %s:%d", os.getpid(), host, listener.port
+            )
+            if supervisor_pid is not None:
+                nursery.start_soon(_watch_parent, supervisor_pid, nursery.cancel_scope)
+            async for signum in signals:
+                logger.info(
+                    "worker pid %d got %s; stopping",
+                    os.getpid(),
+                    signal.Signals(signum).name,
+                )
+                break
+            nursery.cancel_scope.cancel()
+    logger.info("worker pid %d stopped", os.getpid())
+
+
+async def _watch_parent(supervisor_pid: int, scope: trio.CancelScope) -> None:
+    # Polling, as there is no event to wait on: PR_SET_PDEATHSIG fires when
+    # the *thread* that forked us exits, and trio forks from a worker thread
+    # that comes and goes.
+    while os.getppid() == supervisor_pid:  # noqa: ASYNC110
+        await trio.sleep(PARENT_CHECK_INTERVAL)
+    logger.warning("worker pid %d: the supervisor is gone; stopping", os.getpid())
+    scope.cancel()
+
+
+# ----------------------------------------------------------------------
+# The supervisor
+
+
+@attrs.define(eq=False)
+class Supervisor:
+    """Keep ``workers`` copies of ``command`` running; stop them on a signal.
+
+    Error handling:
+        A worker that exits is restarted, at most ``max_restarts`` times in
+        any ``restart_window`` seconds; one more makes :meth:`run` stop all
+        workers and return 1.
+
+    Resource handling:
+        :meth:`run` returns only after every worker it started was reaped.
+    """
+
+    command: list[str]
+    workers: int
+    max_restarts: int
+    restart_window: float
+    shutdown_timeout: float
+    _procs: dict[int, trio.Process] = attrs.field(factory=dict, init=False)
+    _restarts: collections.deque[float] = attrs.field(
+        factory=collections.deque, init=False
+    )
+    _stop: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _kill_now: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _failed: bool = attrs.field(default=False, init=False)
+
+    async def run(self) -> int:
+        """Supervise until a signal (returns 0) or a crash loop (returns 1)."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals, signals)
+                async with trio.open_nursery() as slots:
+                    for slot in range(self.workers):
+                        await slots.start(self._keep_running, slot)
+                    await self._stop.wait()
+                    await self._shut_down()
+                nursery.cancel_scope.cancel()
+        return 1 if self._failed else 0
+
+    async def _signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if self._stop.is_set():
+                logger.warning("got %s again: killing the workers now", name)
+                self._kill_now.set()
+            else:
+                logger.info("got %s: stopping the workers", name)
+                self._stop.set()
+
+    async def _keep_running(
+        self,
+        slot: int,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        started = False
+        while not self._stop.is_set():
+            proc = await trio.lowlevel.open_process(self.command)
+            self._procs[slot] = proc
+            logger.info("worker %d started, pid %d", slot, proc.pid)
+            if self._stop.is_set():  # the signal came while we spawned it
+                _signal(proc, signal.SIGTERM)
+            if not started:
+                task_status.started()
+                started = True
+            status = await proc.wait()
+            del self._procs[slot]
+            if self._stop.is_set():
+                logger.info(
+                    "worker %d (pid %d) exited: %s", slot, proc.pid, _describe(status)
+                )
+                return
+            logger.warning(
+                "worker %d (pid %d) died: %s", slot, proc.pid, _describe(status)
+            )
+            if not self._may_restart():
+                logger.error(
+                    "more than %d worker restarts within %g s: giving up",
+                    self.max_restarts,
+                    self.restart_window,
+                )
+                self._failed = True
+                self._stop.set()
+                return
+
+    def _may_restart(self) -> bool:
+        now = trio.current_time()
+        while self._restarts and self._restarts[0] <= now - self.restart_window:
+            self._restarts.popleft()
+        if len(self._restarts) >= self.max_restarts:
+            return False
+        self._restarts.append(now)
+        return True
+
+    async def _shut_down(self) -> None:
+        for proc in list(self._procs.values()):
+            _signal(proc, signal.SIGTERM)
+        with trio.move_on_after(self.shutdown_timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    _wait_all, list(self._procs.values()), nursery.cancel_scope
+                )
+                nursery.start_soon(_cancel_on, self._kill_now, nursery.cancel_scope)
+        for proc in list(self._procs.values()):
+            if proc.returncode is None:
+                logger.warning("worker pid %d did not stop: SIGKILL", proc.pid)
+                _signal(proc, signal.SIGKILL)
+        # The slot tasks reap them (they are waiting on each proc).
+
+
+async def _wait_all(procs: list[trio.Process], scope: trio.CancelScope) -> None:
+    for proc in procs:
+        await proc.wait()
+    scope.cancel()
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _signal(proc: trio.Process, signum: int) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+            proc.send_signal(signum)
+
+
+def _describe(status: int) -> str:
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    return f"exit status {status}"
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (never listen) a ``SO_REUSEPORT`` socket to hold the address.
+
+    Connections are not queued on it (it does not listen), but it keeps the
+    port for the workers, and turns port 0 into a real port.
+    """
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# ----------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trio_evlisten.workers",
+        description="Serve an accept callback in N processes sharing a port "
+        "(SO_REUSEPORT), restarting workers that die.",
+    )
+    parser.add_argument(
+        "handler",
+        nargs="?",
+        default=DEFAULT_HANDLER,
+        help="MODULE:FUNC, an async def cb(listener, conn, addr) "
+        f"(default: {DEFAULT_HANDLER})",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="default: CPU count"
+    )
+    parser.add_argument("--max-restarts", type=int, default=10, help="default: 10")
+    parser.add_argument(
+        "--restart-window", type=float, default=60.0, help="default: 60 s"
+    )
+    parser.add_argument(
+        "--shutdown-timeout", type=float, default=10.0, help="default: 10 s"
+    )
+    parser.add_argument("--drain-timeout", type=float, default=5.0, help="default: 5 s")
+    parser.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="connections start with a PROXY v1/v2 header (behind HAProxy, nginx)",
+    )
+    parser.add_argument(
+        "--proxy-trusted",
+        action="append",
+        metavar="NETWORK",
+        help="who may send a PROXY header (repeat; default: loopback)",
+    )
+    # Internal: how the supervisor starts a worker (the supervisor's pid).
+    parser.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line entry; returns the exit status."""
+    parser = _parser()
+    opts = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s trio_evlisten.workers[%(process)d] %(levelname)s: "
+        "%(message)s",
+    )
+    if not 0 <= opts.port <= 0xFFFF:
+        parser.error(f"--port must be in 0..65535, not {opts.port}")
+    try:
+        handler = load_handler(opts.handler)
+    except (ImportError, ValueError) as exc:
+        parser.error(f"cannot load the handler {opts.handler!r}: {exc}")
+    if opts.proxy_trusted is not None:
+        if not opts.proxy_protocol:
+            parser.error("--proxy-trusted needs --proxy-protocol")
+        try:
+            trusted_networks(opts.proxy_trusted)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if opts.worker_of is not None:
+        trio.run(
+            lambda: run_worker(
+                handler,
+                opts.host,
+                opts.port,
+                drain_timeout=opts.drain_timeout,
+                supervisor_pid=opts.worker_of,
+                proxy_protocol=opts.proxy_protocol,
+                proxy_trusted=opts.proxy_trusted,
+            )
+        )
+        return 0
+    if opts.workers < 1:
+        parser.error(f"--workers must be >= 1, not {opts.workers}")
+    if opts.max_restarts < 0 or opts.restart_window <= 0:
+        parser.error("--max-restarts must be >= 0 and --restart-window > 0")
+    with reserve_port(opts.host, opts.port) as held:
+        port = held.getsockname()[1]
+        command = [
+            sys.executable,
+            "-m",
+            "trio_evlisten.workers",
+            "--worker-of",
+            str(os.getpid()),
+            "--host",
+            opts.host,
+            "--port",
+            str(port),
+            "--drain-timeout",
+            str(opts.drain_timeout),
+            *(["--proxy-protocol"] if opts.proxy_protocol else []),
+            *(f"--proxy-trusted={net}" for net in opts.proxy_trusted or ()),
+            opts.handler,
+        ]
+        logger.info(
+            "supervisor pid %d: %d workers on %s:%d, handler %s",
+            os.getpid(),
+            opts.workers,
+            opts.host,
+            port,
+            opts.handler,
+        )
+        supervisor = Supervisor(
+            command,
+            opts.workers,
+            opts.max_restarts,
+            opts.restart_window,
+            opts.shutdown_timeout,
+        )
+        status = trio.run(supervisor.run)
+    logger.info("supervisor pid %d: exiting with status %d", os.getpid(), status)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
