@@ -407,15 +407,23 @@ class ConnListener:
                     await self._park(math.inf)
                 elif self._resume_at > trio.current_time():
                     await self._park(self._resume_at)
-                elif self._lsock.std.fileno() == -1:
+                elif self._lsock.closed_underfoot():
                     self._on_accept_error(
                         OSError(
                             errno.EBADF,
                             "the listening socket was closed under the listener",
                         )
                     )
-                elif await self._park(math.inf, readable=True):
-                    self._accept_batch()
+                else:
+                    try:
+                        readable = await self._park(math.inf, readable=True)
+                    except OSError as exc:
+                        # epoll refused the fd (EBADF: closed behind trio's
+                        # back): an accept error like any other.
+                        self._on_accept_error(exc)
+                    else:
+                        if readable:
+                            self._accept_batch()
         finally:
             # However the accept task ends (closed, an error, cancelled), the
             # listener is closed with it.

@@ -82,6 +82,14 @@ class ListeningSocket:
     #: the two may close the fd, the other must be detached.
     twin: bool = False
 
+    def closed_underfoot(self) -> bool:
+        """Whether someone closed the socket behind the listener's back.
+
+        Either object may have been closed (``listener.socket`` is the trio
+        one; with a twin they are different objects on one fd).
+        """
+        return self.std.fileno() == -1 or self.trio.fileno() == -1
+
     def release(self, close: bool) -> None:
         """Close the socket (CLOSE_ON_FREE) or leave it open for the caller.
 
@@ -327,10 +335,34 @@ def _check_wrappable(std: socket.socket, flags: Flag, backlog: int) -> None:
             "Flag.BIND_IPV6ONLY with sock= needs an IPv6 socket that "
             "already has IPV6_V6ONLY set (it cannot change after bind)"
         )
-    if backlog == 0 and not std.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+    if std.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        return
+    if backlog == 0:
         raise ValueError(
             "backlog=0 means the socket is already listening, but "
             f"{std!r} is not; give backlog=-1 to have listen() called"
+        )
+    # listen() would fail with a bare EINVAL on a connected socket, and on an
+    # unbound one it would silently bind a random port on every interface.
+    try:
+        peer = std.getpeername()
+    except OSError:
+        pass
+    else:
+        raise ValueError(
+            f"sock={std!r} is connected to {peer!r}; give a bound, unconnected "
+            "socket (or a listening one)"
+        )
+    name = std.getsockname()
+    unbound = (
+        name in ("", b"")
+        if std.family == socket.AF_UNIX
+        else isinstance(name, tuple) and name[1] == 0
+    )
+    if unbound:
+        raise ValueError(
+            f"sock={std!r} is not bound; bind it first (or pass address= and "
+            "let open_listener bind)"
         )
 
 

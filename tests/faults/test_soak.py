@@ -1,0 +1,165 @@
+"""Soak: 10,000 concurrent connections, echoed, then released.
+
+The clients run in a separate process (``_clients.py``: non-blocking sockets
+and selectors); the listener runs here, under :mod:`tracemalloc`, so the
+memory the server holds per connection is measured where it is spent. Both
+processes raise ``RLIMIT_NOFILE`` to the hard limit. The figures are printed
+(``pytest -s``) and recorded in ``docs/faults.md``.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import tracemalloc
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from tests.conftest import echo_handler
+from tests.faults._support import client_process, count_fds, stderr_of
+from trio_evlisten import ConnListener, Flag, ListenerStatistics, open_listener
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+N = 10_000
+#: Connects the client keeps pending at once (the kernel backlog is
+#: somaxconn, 4096 here; staying well under it avoids SYN retransmits).
+INFLIGHT = 1_000
+#: Per connection: the server's fd, the client's fd, and some slack.
+FDS_NEEDED = N + 200
+#: What may stay allocated after the connections are gone, outside trio's
+#: tables: first-use imports and caches (~100 KiB measured).
+MEMORY_TOLERANCE = 256 * 1024
+#: trio's hash tables left at their high-water size (see the test).
+TABLES_TOLERANCE = 4 * 1024 * 1024
+
+
+@pytest.fixture
+def raised_nofile() -> Iterator[int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < FDS_NEEDED:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {FDS_NEEDED}: cannot hold {N}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        yield hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def traced() -> int:
+    gc.collect()
+    current, _ = tracemalloc.get_traced_memory()
+    return current
+
+
+@attrs.frozen
+class Figures:
+    held: dict[str, Any]
+    summary: dict[str, Any]
+    stats: ListenerStatistics
+    final: ListenerStatistics
+    fds: tuple[int, int, int]
+    mem: tuple[int, int, int]
+    residue: list[tracemalloc.StatisticDiff]
+
+
+async def soak(listener: ConnListener) -> Figures:
+    """Connect N clients, hold them all, measure, let them go, measure."""
+    await trio.testing.wait_all_tasks_blocked()
+    fds_before, mem_before = count_fds(), traced()
+    snap_before = tracemalloc.take_snapshot()
+    async with client_process(
+        listener.port, N, deadline=40, inflight=INFLIGHT, hold=True
+    ) as (proc, lines):
+        try:
+            held = await lines.read_json()
+        except EOFError as exc:
+            await proc.wait()
+            raise AssertionError(await stderr_of(proc)) from exc
+        await trio.testing.wait_all_tasks_blocked()
+        stats = listener.statistics()
+        fds_peak, mem_peak = count_fds(), traced()
+        assert proc.stdin is not None
+        await proc.stdin.send_all(b"close\n")
+        summary = await lines.read_json()
+        assert await proc.wait() == 0, await stderr_of(proc)
+    # The client process has exited, so the kernel has delivered every EOF:
+    # once all tasks are blocked, every handler must have returned.
+    await trio.testing.wait_all_tasks_blocked()
+    final = listener.statistics()
+    fds_after, mem_after = count_fds(), traced()
+    residue = tracemalloc.take_snapshot().compare_to(snap_before, "traceback")
+    return Figures(
+        held,
+        summary,
+        stats,
+        final,
+        (fds_before, fds_peak, fds_after),
+        (mem_before, mem_peak, mem_after),
+        [d for d in residue if d.size_diff > 0],
+    )
+
+
+def is_table(diff: tracemalloc.StatisticDiff) -> bool:
+    """One of trio's hash tables, left at its high-water size."""
+    frame = diff.traceback[0]
+    return "/trio/_core/" in frame.filename and diff.count_diff <= 1
+
+
+@pytest.mark.slow
+async def test_soak_10000_concurrent_connections(raised_nofile: int) -> None:
+    tracemalloc.start()
+    try:
+        with trio.fail_after(55):
+            async with open_listener(
+                echo_handler, address=("127.0.0.1", 0), flags=Flag.CLOSE_ON_FREE
+            ) as listener:
+                r = await soak(listener)
+    finally:
+        tracemalloc.stop()
+
+    kib = (r.mem[1] - r.mem[0]) / N / 1024
+    tables = sum(d.size_diff for d in r.residue if is_table(d))
+    other = sum(d.size_diff for d in r.residue if not is_table(d))
+    blocks = sum(d.count_diff for d in r.residue)
+    print(
+        f"\nsoak: held {r.held['held']} connections (connected and echoed in "
+        f"{r.held['elapsed']:.1f} s); fds {r.fds[0]} -> {r.fds[1]} -> {r.fds[2]}; "
+        f"traced memory {r.mem[0] / 1024:.0f} KiB -> {r.mem[1] / 1024:.0f} KiB "
+        f"-> {r.mem[2] / 1024:.0f} KiB ({kib:.2f} KiB per connection); residue "
+        f"{tables / 1024:.0f} KiB in trio's grown tables, {other / 1024:.0f} KiB "
+        f"elsewhere, {blocks} blocks"
+    )
+    # All N connected, were echoed their own tag, and were held at once.
+    assert r.held["held"] == N, (r.held, r.summary)
+    assert r.summary["echoed"] == N
+    assert r.summary["mismatched"] == r.summary["reset"] == 0
+    assert r.summary["refused"] == r.summary["other"] == 0
+    assert r.summary["timed_out"] == 0
+    assert r.stats.active == N
+    assert r.stats.accepted == N
+    assert r.stats.errors == 0
+    # One server fd per held connection, and every one given back.
+    assert r.fds[1] - r.fds[0] >= N
+    assert r.fds[2] == r.fds[0]
+    # Bounded memory per held connection (measured ~5 KiB: the trio task
+    # and its coroutine frame, the stdlib and trio socket objects, the
+    # stream, the epoll registration); doubling it would fail here.
+    assert 0 < kib < 8, kib
+    assert r.final.active == 0
+    assert r.final.accepted == N
+    # Memory back to baseline, with one named tolerance: CPython never
+    # shrinks a dict or set, so trio's task set, run queue and epoll
+    # registrations stay at their 10,000-entry size (~2 MiB in a handful of
+    # blocks; a second soak reuses them and ends where the first did).
+    # Everything else must be back within MEMORY_TOLERANCE, in far fewer
+    # blocks than connections: a leak of one object per connection would be
+    # 10,000 blocks.
+    assert tables < TABLES_TOLERANCE, tables
+    assert other < MEMORY_TOLERANCE, [str(d) for d in r.residue[:10]]
+    assert blocks < N // 10, [str(d) for d in r.residue[:10]]
