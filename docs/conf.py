@@ -8,10 +8,6 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from sphinx.application import Sphinx
 
 HERE = Path(__file__).resolve().parent
 # Document the package from this checkout even if it is not installed.
@@ -86,32 +82,3 @@ myst_heading_anchors = 3
 
 html_theme = "alabaster"
 html_title = f"trio_evlisten {release}"
-
-# --- pages other helpers write ----------------------------------------------
-# benchmarks.md and deploying.* are produced separately and may be absent
-# from a checkout; a toctree entry (or glob) for a missing page is a warning,
-# which -W makes an error. So index.rst carries the marker @optional_pages@,
-# replaced here with the optional pages that exist, in this order.
-OPTIONAL_PAGES = ("benchmarks", "deploying")
-OPTIONAL_MARKER = "@optional_pages@"
-
-
-def _present_optional_pages() -> list[str]:
-    return [
-        name
-        for name in OPTIONAL_PAGES
-        if any((HERE / f"{name}{suffix}").is_file() for suffix in source_suffix)
-    ]
-
-
-def _fill_optional_pages(app: Sphinx, docname: str, source: list[str]) -> None:
-    if docname != root_doc:
-        return
-    if OPTIONAL_MARKER not in source[0]:
-        raise RuntimeError(f"{root_doc}.rst lost its {OPTIONAL_MARKER} marker")
-    lines = "\n".join(f"   {name}" for name in _present_optional_pages())
-    source[0] = source[0].replace(f"   {OPTIONAL_MARKER}", lines)
-
-
-def setup(app: Sphinx) -> None:
-    app.connect("source-read", _fill_optional_pages)
