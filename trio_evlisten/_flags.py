@@ -53,8 +53,6 @@ LEV_OPT_REUSEABLE_PORT: Final = Flag.REUSEABLE_PORT
 LEV_OPT_BIND_IPV6ONLY: Final = Flag.BIND_IPV6ONLY
 
 _ALL_FLAGS: Final = Flag(sum(Flag))
-#: No flags: the default.
-NO_FLAGS: Final = Flag(0)
 
 
 def check_flags(flags: object) -> Flag:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._flags import NO_FLAGS, Flag, check_flags
+from ._flags import Flag, check_flags
 from ._listener import ConnListener, _check_cb
 from ._options import TLS_HANDSHAKE_TIMEOUT, HandlerErrors, Options
 from ._proxy_gate import PROXY_TIMEOUT
@@ -37,7 +37,7 @@ async def open_listener(
     *args: Any,
     address: Address | None = None,
     sock: SockArg | None = None,
-    flags: Flag | int = NO_FLAGS,
+    flags: Flag | int = 0,
     backlog: int = -1,
     error_cb: ErrorCallback | None = None,
     max_connections: int | None = None,
@@ -198,7 +198,7 @@ async def serve_listener(
     *args: Any,
     address: Address | None = None,
     sock: SockArg | None = None,
-    flags: Flag | int = NO_FLAGS,
+    flags: Flag | int = 0,
     backlog: int = -1,
     error_cb: ErrorCallback | None = None,
     max_connections: int | None = None,
