@@ -177,6 +177,7 @@ async def test_clients_vanishing_mid_handler(caplog: pytest.LogCaptureFixture) -
 BURST = 2000
 BURST_BACKLOG = 16
 BURST_DEADLINE = 8.0
+BURST_DRAIN = 5.0
 
 
 @pytest.mark.slow
@@ -192,8 +193,16 @@ async def test_burst_of_2000_connects_against_backlog_16() -> None:
     # Generous: the client process must start, run its deadline and report,
     # on a shared 2-CPU machine.
     with trio.fail_after(BURST_DEADLINE + 30):
+        # drain_timeout: a connect the client gave up on mid-handshake can
+        # be completed by the kernel later and leave a half-open connection
+        # that never sees EOF (seen on a busy machine); a real server bounds
+        # those with timeouts, and so does this test.
         async with open_listener(
-            echo_handler, address=LOCAL, flags=FREE, backlog=BURST_BACKLOG
+            echo_handler,
+            address=LOCAL,
+            flags=FREE,
+            backlog=BURST_BACKLOG,
+            drain_timeout=BURST_DRAIN,
         ) as listener:
             async with client_process(
                 listener.port, BURST, deadline=BURST_DEADLINE, inflight=0, hold=False
@@ -215,8 +224,11 @@ async def test_burst_of_2000_connects_against_backlog_16() -> None:
     assert summary["echoed"] + summary["timed_out"] == BURST
     # Far more than one backlog's worth got through in the time.
     assert summary["echoed"] >= 10 * BURST_BACKLOG, summary
-    # Every connection the listener took got a handler; none left over.
+    # Every connection the listener took got a handler. Handlers still
+    # running once the client process is gone can only be for connects it
+    # abandoned (timed out), never for one it completed.
     assert stats.accepted >= summary["echoed"] + 1
     assert stats.errors == 0
-    assert stats.active == 0
+    assert stats.active <= summary["timed_out"]
     assert stats.handler_errors == 0
+    assert listener.statistics().active == 0
