@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
@@ -272,7 +273,7 @@ async def test_each_resource_errno_calls_cb_once_per_error_and_pauses(
         assert stats.accepted == 1
 
 
-async def test_resource_errors_without_cb_log_one_error_each_and_go_on(
+async def test_resource_errors_without_cb_are_logged_grouped_and_go_on(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     script = [oserror(errno.EMFILE), oserror(errno.ENFILE), oserror(errno.ENOMEM)]
@@ -283,10 +284,16 @@ async def test_resource_errors_without_cb_log_one_error_each_and_go_on(
                 await echo_once(client)
             stats = listener.statistics()
             assert not listener.closed
+    # Grouped: the first error at once; the two within ERROR_LOG_INTERVAL of
+    # it are counted, and reported by one line when the listener ends.
     records = [r for r in caplog.records if r.name == "trio_evlisten"]
-    assert [r.levelno for r in records] == [logging.ERROR] * 3
-    for record, exc in zip(records, script, strict=True):
-        assert str(exc) in record.getMessage()
+    assert [r.levelno for r in records] == [logging.ERROR] * 2
+    assert [getattr(r, "accept_errors", None) for r in records] == [1, 2]
+    assert str(script[0]) in records[0].getMessage()
+    summary = records[1].getMessage()
+    assert "ENFILE \u00d71, ENOMEM \u00d71 in 0.1 s" in summary, summary
+    assert str(script[2]) in summary  # the last error, in full
+    assert summary.endswith("listener closed")
     assert diffs(ssock.calls[:4]) == pytest.approx([0.01, 0.02, 0.04])
     assert stats.errors == 3
     assert stats.accepted == 1
@@ -705,29 +712,37 @@ async def test_real_emfile_backs_off_without_busy_loop_then_serves(
     assert proc.returncode == 0, stderr.decode()
 
     errors = summary["errors"]
-    # Never a busy loop: a bounded number of reports, and the process mostly
-    # asleep while accept() keeps failing.
-    assert 3 <= summary["window_errors"] < 30, summary
+    # Never a busy loop: the process mostly asleep while accept() keeps
+    # failing.
     assert summary["window_wall"] >= WINDOW
     assert summary["window_cpu"] < 0.5, summary
     assert summary["accepted_during"] == 0
     assert summary["paused_during"] is True
-    # The real clock follows the schedule: each gap at least the pause.
-    gaps = diffs([e[0] for e in errors])
-    assert len(gaps) >= 3
-    for gap, pause in zip(gaps, SCHEDULE, strict=False):
-        assert gap >= pause * 0.9, (gaps, SCHEDULE)
     if mode == "cb":
+        # Every error reaches the callback, on the backoff schedule: each
+        # gap of the real clock at least the pause.
+        assert 3 <= summary["window_errors"] < 30, summary
+        gaps = diffs([e[0] for e in errors])
+        assert len(gaps) >= 3
+        for gap, pause in zip(gaps, SCHEDULE, strict=False):
+            assert gap >= pause * 0.9, (gaps, SCHEDULE)
         assert [e[1:] for e in errors] == [[errno.EMFILE, ["tag"]]] * len(errors)
+        assert summary["errors_after"] == len(errors)
     else:
-        assert {e[1] for e in errors} == {"ERROR"}
-        for e in errors:
-            assert os.strerror(errno.EMFILE) in e[2], e
+        # Logged grouped: the first error at once, then nothing within
+        # ERROR_LOG_INTERVAL (10 s) of it; the rest in one line at the end.
+        assert summary["window_errors"] == 0, summary
+        assert [e[1] for e in errors] == ["ERROR", "ERROR"], errors
+        assert os.strerror(errno.EMFILE) in errors[0][2]
+        assert "pausing accepts for 0.010 s" in errors[0][2]
+        grouped = re.search(r"EMFILE \u00d7(\d+) in ", errors[1][2])
+        assert grouped is not None, errors[1]
+        assert int(grouped[1]) >= 3
+        assert summary["errors_after"] == 1 + int(grouped[1])
     # Freed fds: every queued connection is served, within the longest pause.
     assert summary["served"] == [f"ping-{i}" for i in range(N_CLIENTS)]
     assert summary["recovery"] < BACKOFF_MAX + 1.0
     assert summary["accepted_after"] == N_CLIENTS
-    assert summary["errors_after"] == len(errors)
     assert summary["backoff_after"] == 0.0
 
 

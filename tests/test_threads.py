@@ -170,13 +170,13 @@ def _close_then_connect(listener: ConnListener) -> socket.socket | None:
 
     The socket itself is closed by the Trio thread moments later, so the
     connect may still be queued by the kernel (the listener must then not
-    accept it) or be refused.
+    accept it), be refused, or be reset (queued, then the socket closes).
     """
     listener.close()
     client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         client.connect(listener.sockname)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         client.close()
         return None
     except BaseException:

@@ -3,6 +3,8 @@
 from ._activation import activation_sockets as activation_sockets
 from ._errors import BACKOFF_MAX as BACKOFF_MAX
 from ._errors import BACKOFF_MIN as BACKOFF_MIN
+from ._errors import ERROR_LOG_INTERVAL as ERROR_LOG_INTERVAL
+from ._errors import ResourceLimitWarning as ResourceLimitWarning
 from ._flags import LEV_OPT_BIND_IPV6ONLY as LEV_OPT_BIND_IPV6ONLY
 from ._flags import LEV_OPT_CLOSE_ON_EXEC as LEV_OPT_CLOSE_ON_EXEC
 from ._flags import LEV_OPT_CLOSE_ON_FREE as LEV_OPT_CLOSE_ON_FREE
@@ -13,15 +15,21 @@ from ._flags import LEV_OPT_REUSEABLE as LEV_OPT_REUSEABLE
 from ._flags import LEV_OPT_REUSEABLE_PORT as LEV_OPT_REUSEABLE_PORT
 from ._flags import LEV_OPT_THREADSAFE as LEV_OPT_THREADSAFE
 from ._flags import Flag as Flag
+from ._handoff import hand_off as hand_off
+from ._handoff import notify_ready as notify_ready
 from ._listener import ConnListener as ConnListener
 from ._open import open_listener as open_listener
 from ._open import serve_listener as serve_listener
+from ._options import FD_RESERVE as FD_RESERVE
+from ._stats import DrainResult as DrainResult
 from ._stats import ListenerStatistics as ListenerStatistics
 from ._version import __version__ as __version__
 
 __all__ = [
     "BACKOFF_MAX",
     "BACKOFF_MIN",
+    "ERROR_LOG_INTERVAL",
+    "FD_RESERVE",
     "LEV_OPT_BIND_IPV6ONLY",
     "LEV_OPT_CLOSE_ON_EXEC",
     "LEV_OPT_CLOSE_ON_FREE",
@@ -32,10 +40,14 @@ __all__ = [
     "LEV_OPT_REUSEABLE_PORT",
     "LEV_OPT_THREADSAFE",
     "ConnListener",
+    "DrainResult",
     "Flag",
     "ListenerStatistics",
+    "ResourceLimitWarning",
     "__version__",
     "activation_sockets",
+    "hand_off",
+    "notify_ready",
     "open_listener",
     "serve_listener",
 ]
@@ -43,9 +55,13 @@ __all__ = [
 # Show users and docs the public home of each name, as trio does.
 for _obj in (
     ConnListener,
+    DrainResult,
     Flag,
     ListenerStatistics,
+    ResourceLimitWarning,
     activation_sockets,
+    hand_off,
+    notify_ready,
     open_listener,
     serve_listener,
 ):

@@ -7,9 +7,11 @@ place, with the reasoning, so the accept loop only asks :func:`classify`.
 
 from __future__ import annotations
 
+import collections
 import enum
 import errno
-from typing import Final
+import logging
+from typing import Any, Final
 
 import attrs
 
@@ -83,6 +85,25 @@ BACKOFF_MAX: Final = 1.0
 BACKOFF_FACTOR: Final = 2.0
 
 
+#: The out-of-files errnos: a handler that finishes frees an fd, so the
+#: listener resumes then rather than wait out the whole pause.
+FD_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+
+#: With no error callback, the first ``accept()`` error of a burst is logged
+#: at once, then at most one summary line per this many seconds.
+ERROR_LOG_INTERVAL: Final = 10.0
+
+
+class ResourceLimitWarning(RuntimeWarning):
+    """A limit of the system will cut what the listener was asked for.
+
+    Warned once when a listener starts: the ``RLIMIT_NOFILE`` soft limit is
+    below ``max_connections`` plus a reserve, or the kernel cut the asked
+    ``backlog`` to ``somaxconn``. Filter it like any warning
+    (``warnings.filterwarnings("ignore", category=ResourceLimitWarning)``).
+    """
+
+
 def classify(exc: OSError) -> ErrorClass:
     """Sort an ``accept()`` error into one of the three :class:`ErrorClass` es."""
     if exc.errno in _RETRY_ERRNOS:
@@ -119,3 +140,69 @@ class Backoff:
     def current(self) -> float:
         """The last pause given, or 0.0 when no error has happened since a success."""
         return self._current
+
+
+def _errno_name(code: int | None) -> str:
+    return errno.errorcode.get(code, str(code)) if code is not None else "?"
+
+
+@attrs.define(eq=False)
+class ErrorLog:
+    r"""Groups repeated ``accept()`` errors into one log line per interval.
+
+    The first error when no line was logged for ``interval`` seconds is
+    logged at once; later ones are counted, and reported by :meth:`flush` as
+    one summary line (``EMFILE \u00d7412 in 10.0 s``) once ``interval`` has passed
+    since the last line, or when the listener ends.
+    """
+
+    logger: logging.Logger
+    where: Any
+    interval: float = ERROR_LOG_INTERVAL
+    _last_line: float = attrs.field(default=-float("inf"), init=False)
+    _pending: collections.Counter[str] = attrs.field(
+        factory=collections.Counter, init=False
+    )
+    _last_exc: OSError | None = attrs.field(default=None, init=False)
+    _last_delay: float = attrs.field(default=0.0, init=False)
+
+    @property
+    def due(self) -> float:
+        """When :meth:`flush` has a summary to log (``inf``: nothing pending)."""
+        return self._last_line + self.interval if self._pending else float("inf")
+
+    def error(self, exc: OSError, delay: float, now: float) -> None:
+        """Record one error that pauses accepting for ``delay`` seconds."""
+        self._last_exc, self._last_delay = exc, delay
+        if not self._pending and now >= self._last_line + self.interval:
+            self._last_line = now
+            self.logger.error(
+                "accept() on %r failed: %s; pausing accepts for %.3f s",
+                self.where,
+                exc,
+                delay,
+                extra={"accept_errors": 1},
+            )
+            return
+        self._pending[_errno_name(exc.errno)] += 1
+        self.flush(now)
+
+    def flush(self, now: float, *, final: bool = False) -> None:
+        """Log the summary line if it is due (or, with ``final``, if any)."""
+        if not self._pending or (not final and now < self.due):
+            return
+        counts = ", ".join(f"{name} \u00d7{n}" for name, n in self._pending.items())
+        total = sum(self._pending.values())
+        since = self._last_line
+        self._pending.clear()
+        self._last_line = now
+        self.logger.error(
+            "accept() on %r failed: %s in %.1f s (last: %s, then a %.3f s pause)%s",
+            self.where,
+            counts,
+            now - since,
+            self._last_exc,
+            self._last_delay,
+            "; listener closed" if final else "",
+            extra={"accept_errors": total},
+        )

@@ -7,6 +7,16 @@ State rules, all kept by :class:`ConnListener` and nowhere else:
 * The gate is open, and ``accept()`` may be called, exactly when the
   listener is not closed, is enabled, has a callback, runs fewer handlers
   than ``max_connections``, and is not pausing after an error.
+* Capacity is one gate: ``max_connections`` and running out of file
+  descriptors (``EMFILE``/``ENFILE``) both wait for a handler to finish. A
+  handler that ends wakes the accept task when either held the gate shut;
+  after ``EMFILE``/``ENFILE`` the backoff timer is only the upper bound.
+* ``drain()`` closes, sets ``draining``, waits, then cancels the handlers
+  still running: by default they run in a nursery of their own (opened by a
+  host task, so the ``async with`` body is not in it), whose scope drain
+  cancels, at no cost per connection; in a caller's ``handler_nursery`` each
+  handler runs in a cancel scope of its own (about 0.8 KiB and 10 us a
+  connection, paid only there), and only those are cancelled.
 * Every change that can open the gate or close the listener wakes the accept
   task, which re-reads the state; a change that shuts the gate needs no wake:
   the gate is re-checked under the lock before every single ``accept()``.
@@ -21,17 +31,27 @@ import contextlib
 import errno
 import logging
 import math
+import sys
 import threading
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
 import trio
 
-from ._errors import Backoff, ErrorClass, classify
+from ._errors import FD_ERRNOS, Backoff, ErrorClass, ErrorLog, classify
 from ._flags import Flag
-from ._options import Options
+from ._options import (
+    Options,
+    check_max_connections,
+    check_seconds,
+    warn_if_fd_limit_below,
+)
 from ._proxy_gate import REJECTED, ProxyGate
-from ._stats import ListenerStatistics
+from ._socket import accept_queue
+from ._stats import DrainResult, ListenerStatistics
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -70,7 +90,8 @@ class ConnListener:
     :func:`serve_listener`.
 
     Methods that don't block (:meth:`enable`, :meth:`disable`,
-    :meth:`set_cb`, :meth:`set_error_cb`, :meth:`close`) are plain methods
+    :meth:`set_cb`, :meth:`set_error_cb`, :meth:`set_max_connections`,
+    :meth:`close`) are plain methods
     and take effect before the next ``accept()``. Without
     :attr:`Flag.THREADSAFE` they must be called from the listener's own
     thread (its Trio thread); with it, from any thread.
@@ -85,6 +106,15 @@ class ConnListener:
     _options: Options
 
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    # Where handlers are started: our handler nursery, or the caller's.
+    _spawn_into: trio.Nursery | None = attrs.field(default=None, init=False)
+    # Our handler nursery's scope (None with handler_nursery=).
+    _handlers_scope: trio.CancelScope | None = attrs.field(default=None, init=False)
+    # The group our handler nursery raised, for open_listener to splice.
+    _handlers_group: BaseException | None = attrs.field(default=None, init=False)
+    # With handler_nursery=: a cancel scope per handler, so drain() can
+    # cancel ours without touching the caller's other tasks.
+    _scoped: bool = attrs.field(default=False, init=False)
     _enabled: bool = attrs.field(init=False)
     _closed: bool = attrs.field(default=False, init=False)
     _closed_event: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -106,6 +136,15 @@ class ConnListener:
     _tls_failures: int = attrs.field(default=0, init=False)
     _proxy: ProxyGate | None = attrs.field(default=None, init=False)
     _task_name: str = attrs.field(init=False)
+    _max_connections: int | None = attrs.field(init=False)
+    _error_log: ErrorLog = attrs.field(init=False)
+    # Paused by EMFILE/ENFILE: a handler that finishes ends the pause.
+    _fd_wait: bool = attrs.field(default=False, init=False)
+    _draining: trio.Event = attrs.field(factory=trio.Event, init=False)
+    # The cancel scope of each running handler task, for drain() to cancel.
+    _scopes: set[trio.CancelScope] = attrs.field(factory=set, init=False)
+    _cancel_handlers: bool = attrs.field(default=False, init=False)
+    _idle: trio.Event | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._enabled = not self._flags & Flag.DISABLED
@@ -120,6 +159,8 @@ class ConnListener:
                 self._options.proxy_trusted, self._options.proxy_timeout, self._sockname
             )
         self._task_name = _task_name(self._cb)
+        self._max_connections = self._options.max_connections
+        self._error_log = ErrorLog(logger, self._sockname)
 
     # ------------------------------------------------------------------
     # Public, non-blocking API
@@ -192,7 +233,12 @@ class ConnListener:
         return self._closed
 
     def statistics(self) -> ListenerStatistics:
-        """A frozen snapshot of the listener's counters and state."""
+        """A frozen snapshot of the listener's counters and state.
+
+        ``queue_depth``/``queue_limit`` are read from the kernel at the call
+        (one ``getsockopt``), the rest from the listener's counters.
+        """
+        queue = None if self._closed else accept_queue(self._lsock.std)
         with self._lock:
             return ListenerStatistics(
                 accepted=self._accepted,
@@ -206,7 +252,10 @@ class ConnListener:
                 proxy_rejected=0 if self._proxy is None else self._proxy.rejected,
                 enabled=self._enabled,
                 closed=self._closed,
-                max_connections=self._options.max_connections,
+                max_connections=self._max_connections,
+                queue_depth=None if queue is None else queue[0],
+                queue_limit=None if queue is None else queue[1],
+                backlog=self._lsock.backlog if queue is None else queue[1],
             )
 
     def enable(self) -> None:
@@ -286,6 +335,110 @@ class ConnListener:
             self._check_open("set_error_cb")
             self._error_cb, self._error_args = error_cb, args
 
+    def set_max_connections(self, max_connections: int | None) -> None:
+        """Change the cap on running handlers of a running listener.
+
+        ``None`` removes the cap. Raising it (or removing it) wakes the
+        accept task, so connections waiting in the backlog are taken at
+        once; lowering it below the handlers running now cancels none of
+        them: accepting resumes when enough have finished. Warns
+        (:class:`ResourceLimitWarning`) if ``RLIMIT_NOFILE`` cannot cover
+        the new cap.
+
+        Raises:
+            TypeError: ``max_connections`` is neither ``None`` nor an int.
+            ValueError: ``max_connections`` is below 1.
+            trio.ClosedResourceError: the listener is closed.
+            RuntimeError: called from another thread without
+                :attr:`Flag.THREADSAFE`.
+        """
+        check_max_connections(max_connections)
+        self._check_thread("set_max_connections")
+        with self._lock:
+            self._check_open("set_max_connections")
+            self._max_connections = max_connections
+        warn_if_fd_limit_below(max_connections, stacklevel=2)
+        self._wake_threadsafe()
+
+    @property
+    def draining(self) -> bool:
+        """Whether a drain has begun, so handlers should finish up.
+
+        Set by :meth:`drain`, and by leaving :func:`open_listener`'s block
+        (without ``handler_nursery=``). Handlers poll it between requests or
+        wait for it with :meth:`wait_draining`.
+        """
+        return self._draining.is_set()
+
+    async def wait_draining(self) -> None:
+        """Wait until a drain begins (returns at once if one has).
+
+        For a handler that idles (a keep-alive connection, a subscription):
+        race it against the next request and finish up when it returns.
+        """
+        await self._draining.wait()
+
+    async def drain(self, grace: float | None = None) -> DrainResult:
+        """Stop accepting, ask handlers to finish, wait, then cancel the rest.
+
+        In order: :meth:`close` (nothing more is accepted), set
+        :attr:`draining` (waking :meth:`wait_draining`), wait up to
+        ``grace`` seconds (``None``: as long as it takes) for the running
+        handlers to return, cancel those still running, and wait for them
+        to unwind.
+
+        Only the handler tasks this listener started are cancelled: with
+        ``handler_nursery=`` the nursery and its other tasks are untouched.
+        A handler cancelled this way is not a handler error (not counted,
+        not logged above DEBUG, not raised with ``handler_errors="raise"``).
+
+        Don't await it from one of the listener's own handlers: it would
+        wait for that handler too, and cancel it at the end of ``grace``.
+
+        Args:
+            grace: seconds to wait before cancelling, ``>= 0``, or ``None``.
+
+        Returns:
+            A :class:`DrainResult`: how many handlers finished by themselves
+            and how many were cancelled.
+
+        Raises:
+            TypeError: ``grace`` is not a number of seconds or ``None``.
+            ValueError: ``grace`` is negative or NaN.
+            RuntimeError: called from another thread (it is async: use
+                :func:`trio.from_thread.run`).
+        """
+        check_seconds("grace", grace, optional=True)
+        self._check_thread("drain")
+        self.close()
+        self._draining.set()
+        with self._lock:
+            running = self._active
+        if grace is None:
+            await self._wait_idle()
+        else:
+            with trio.move_on_after(grace):
+                await self._wait_idle()
+        with self._lock:
+            cancelled = self._active
+        if cancelled:
+            self._cancel_handlers = True
+            if self._handlers_scope is not None:
+                self._handlers_scope.cancel()
+            for scope in self._scopes:
+                scope.cancel()
+            await self._wait_idle()
+        else:
+            await trio.lowlevel.checkpoint()
+        return DrainResult(finished=max(running - cancelled, 0), cancelled=cancelled)
+
+    async def _wait_idle(self) -> None:
+        while self._active:
+            # Shared by concurrent drains: replace it only once it fired.
+            if self._idle is None or self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
+
     def close(self) -> None:
         """Stop accepting, for good (``evconnlistener_free``).
 
@@ -353,6 +506,24 @@ class ConnListener:
     # ------------------------------------------------------------------
     # Private: the accept task (all of this runs on the Trio thread)
 
+    async def _host_handlers(
+        self, *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own the nursery the handlers run in, until closed and idle.
+
+        A task of its own, so that the nursery's scope covers the handlers
+        and nothing else: drain() can cancel them while the ``async with``
+        body (which may be the one awaiting drain) runs on.
+        """
+        try:
+            async with trio.open_nursery() as handlers:
+                self._handlers_scope = handlers.cancel_scope
+                task_status.started(handlers)
+                await self._closed_event.wait()
+        except BaseExceptionGroup as group:
+            self._handlers_group = group
+            raise
+
     def _wake(self) -> None:
         if self._waiter is not None:
             self._waiter.cancel()
@@ -367,10 +538,7 @@ class ConnListener:
             not self._closed
             and self._enabled
             and self._cb is not None
-            and (
-                self._options.max_connections is None
-                or self._active < self._options.max_connections
-            )
+            and (self._max_connections is None or self._active < self._max_connections)
         )
 
     async def _park(self, deadline: float, *, readable: bool = False) -> bool:
@@ -403,10 +571,14 @@ class ConnListener:
                     if self._closed:
                         return
                     gate_open = self._gate_open()
+                now = trio.current_time()
+                # A grouped error line falls due: log it (no-op otherwise).
+                self._error_log.flush(now)
+                log_due = self._error_log.due
                 if not gate_open:
-                    await self._park(math.inf)
-                elif self._resume_at > trio.current_time():
-                    await self._park(self._resume_at)
+                    await self._park(log_due)
+                elif self._resume_at > now:
+                    await self._park(min(self._resume_at, log_due))
                 elif self._lsock.closed_underfoot():
                     self._on_accept_error(
                         OSError(
@@ -416,7 +588,7 @@ class ConnListener:
                     )
                 else:
                     try:
-                        readable = await self._park(math.inf, readable=True)
+                        readable = await self._park(log_due, readable=True)
                     except OSError as exc:
                         # epoll refused the fd (EBADF: closed behind trio's
                         # back): an accept error like any other.
@@ -426,8 +598,9 @@ class ConnListener:
                             self._accept_batch()
         finally:
             # However the accept task ends (closed, an error, cancelled), the
-            # listener is closed with it.
+            # listener is closed with it, and errors not yet reported are.
             self.close()
+            self._error_log.flush(trio.current_time(), final=True)
 
     def _accept_batch(self) -> None:
         std = self._lsock.std
@@ -452,6 +625,7 @@ class ConnListener:
                 return
             self._backoff.reset()
             self._resume_at = -math.inf
+            self._fd_wait = False
             assert cb is not None
             self._spawn(conn, addr, cb, args)
 
@@ -463,17 +637,15 @@ class ConnListener:
             return True
         self._errors += 1
         delay = self._backoff.next_delay()
-        self._resume_at = trio.current_time() + delay
+        now = trio.current_time()
+        self._resume_at = now + delay
+        # Out of fds: a handler that finishes frees one, and ends the pause.
+        self._fd_wait = exc.errno in FD_ERRNOS
         error_cb, error_args = self._error_cb, self._error_args
         if error_cb is not None:
             error_cb(self, exc, *error_args)
         elif kind is ErrorClass.RESOURCES:
-            logger.error(
-                "accept() on %r failed: %s; pausing accepts for %.3f s",
-                self._sockname,
-                exc,
-                delay,
-            )
+            self._error_log.error(exc, delay, now)
         else:
             raise exc
         return False
@@ -489,7 +661,8 @@ class ConnListener:
             # A fixed name: trio would otherwise format one per task, which
             # costs a string allocation per connection (~280 B held while
             # the connection lives) and CPU on the accept path.
-            self.nursery.start_soon(
+            assert self._spawn_into is not None
+            self._spawn_into.start_soon(
                 self._run_handler, conn, addr, cb, args, name=self._task_name
             )
         except BaseException:
@@ -527,51 +700,72 @@ class ConnListener:
         args: tuple[Any, ...],
     ) -> None:
         trio_sock: trio.socket.SocketType | None = None
+        scope: contextlib.AbstractContextManager[object] = _NO_SCOPE
+        if self._scoped:
+            # In a caller's handler_nursery: a cancel scope of our own, so
+            # drain() cancels our handlers and none of the caller's tasks.
+            scope = own = trio.CancelScope()
+            if self._cancel_handlers:
+                own.cancel()
+            self._scopes.add(own)
         try:
-            if self._flags & Flag.LEAVE_SOCKETS_BLOCKING:
-                assert conn is not None
-                if self._proxy is not None:
-                    # Read while the socket is still non-blocking, in this
-                    # task (never the accept loop's), before anything else.
-                    addr = await self._proxy.read(
-                        trio.socket.from_stdlib_socket(conn), addr
-                    )
-                    if addr is REJECTED:
-                        return
-                conn.setblocking(True)
-                # From here on the handler owns the socket.
-                conn_for_handler, conn = conn, None
-                await cb(self, conn_for_handler, addr, *args)
-            else:
-                assert conn is not None
-                trio_sock = trio.socket.from_stdlib_socket(conn)
-                if self._proxy is not None:
-                    # Before the TLS handshake: the header comes in clear.
-                    addr = await self._proxy.read(trio_sock, addr)
-                    if addr is REJECTED:
-                        return
-                stream = trio.SocketStream(trio_sock)
-                if self._options.ssl_context is None:
-                    await cb(self, stream, addr, *args)
+            with scope:
+                if self._flags & Flag.LEAVE_SOCKETS_BLOCKING:
+                    assert conn is not None
+                    if self._proxy is not None:
+                        # Read while the socket is still non-blocking, in this
+                        # task (never the accept loop's), before anything else.
+                        addr = await self._proxy.read(
+                            trio.socket.from_stdlib_socket(conn), addr
+                        )
+                        if addr is REJECTED:
+                            return
+                    conn.setblocking(True)
+                    # From here on the handler owns the socket.
+                    conn_for_handler, conn = conn, None
+                    await cb(self, conn_for_handler, addr, *args)
                 else:
-                    tls = await self._tls_handshake(stream, addr)
-                    if tls is not None:
-                        await cb(self, tls, addr, *args)
-                        # Say goodbye properly (close_notify), so the client
-                        # can tell our close from a truncation attack; but
-                        # never wait long for a peer that does not read.
-                        with trio.move_on_after(TLS_CLOSE_TIMEOUT):
-                            await tls.aclose()
+                    assert conn is not None
+                    trio_sock = trio.socket.from_stdlib_socket(conn)
+                    if self._proxy is not None:
+                        # Before the TLS handshake: the header comes in clear.
+                        addr = await self._proxy.read(trio_sock, addr)
+                        if addr is REJECTED:
+                            return
+                    stream = trio.SocketStream(trio_sock)
+                    if self._options.ssl_context is None:
+                        await cb(self, stream, addr, *args)
+                    else:
+                        tls = await self._tls_handshake(stream, addr)
+                        if tls is not None:
+                            await cb(self, tls, addr, *args)
+                            # Say goodbye properly (close_notify), so the client
+                            # can tell our close from a truncation attack; but
+                            # never wait long for a peer that does not read.
+                            with trio.move_on_after(TLS_CLOSE_TIMEOUT):
+                                await tls.aclose()
         except trio.BrokenResourceError:
-            if self._options.handler_errors == "raise":
+            if self._options.handler_errors == "raise" and not self._cancel_handlers:
                 raise
             logger.debug("handler for %r: the peer went away", addr, exc_info=True)
         except Exception:
-            self._handler_error_count += 1
-            if self._options.handler_errors == "raise":
-                raise
-            logger.exception("handler for %r raised", addr)
+            if self._cancel_handlers:
+                # Cancelled by drain(), it failed while unwinding: the drain's
+                # doing, not a bug of the handler's.
+                logger.debug("handler for %r raised once drained", addr, exc_info=True)
+            else:
+                self._handler_error_count += 1
+                if self._options.handler_errors == "raise":
+                    raise
+                logger.exception("handler for %r raised", addr)
         finally:
+            if self._scoped:
+                scopes = self._scopes
+                scopes.discard(scope)
+                if not scopes:
+                    # A set never shrinks by discarding: give back the table
+                    # a burst of connections grew (clear() does, cheaply).
+                    scopes.clear()
             # The listener owns the trio stream and closes it, through trio so
             # that any task still waiting on it is told (closing twice is
             # harmless). A blocking socket is the handler's once handed over,
@@ -582,9 +776,20 @@ class ConnListener:
                 conn.close()
             with self._lock:
                 self._active -= 1
-                was_full = self._active + 1 == self._options.max_connections
-            if was_full:
+                cap = self._max_connections
+                # A slot (and an fd) came free: the gate may open again.
+                wake = (cap is not None and self._active + 1 >= cap) or self._fd_wait
+                if self._fd_wait:
+                    self._fd_wait = False
+                    self._resume_at = -math.inf
+                idle = self._active == 0
+            if wake:
                 self._wake()
+            if idle and self._idle is not None:
+                self._idle.set()
+
+
+_NO_SCOPE: Final = contextlib.nullcontext()
 
 
 def _task_name(cb: object) -> str:

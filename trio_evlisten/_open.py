@@ -16,7 +16,12 @@ import trio
 
 from ._flags import Flag, check_flags
 from ._listener import ConnListener, _check_cb
-from ._options import TLS_HANDSHAKE_TIMEOUT, HandlerErrors, Options
+from ._options import (
+    TLS_HANDSHAKE_TIMEOUT,
+    HandlerErrors,
+    Options,
+    warn_if_fd_limit_below,
+)
 from ._proxy_gate import PROXY_TIMEOUT
 from ._socket import make_listening_socket
 
@@ -73,9 +78,14 @@ async def open_listener(
         error_cb: set as if by :meth:`~ConnListener.set_error_cb` before the
             first ``accept()``.
         max_connections: at this many running handlers, stop accepting until
-            one finishes (connections wait in the kernel's backlog).
-        drain_timeout: on leaving the block, wait this many seconds for
-            running handlers before cancelling them (``None``: wait for all).
+            one finishes (connections wait in the kernel's backlog); change
+            it later with :meth:`~ConnListener.set_max_connections`. A
+            :class:`ResourceLimitWarning` says when ``RLIMIT_NOFILE`` is
+            below it plus a reserve of 64.
+        drain_timeout: on leaving the block, drain as
+            :meth:`~ConnListener.drain` does: set ``listener.draining``, wait
+            this many seconds for running handlers, then cancel them
+            (``None``: wait for all).
         handler_nursery: run handlers in this nursery instead of the
             listener's own; they then outlive the block.
         handler_errors: ``"log"`` (default) logs an exception escaping a
@@ -116,23 +126,27 @@ async def open_listener(
             block alone comes out unwrapped, as it went in.
 
     Error handling:
-        ``accept()`` errors are sorted by errno: transient ones are retried
-        at once; out-of-resources ones (``EMFILE``, ``ENFILE``, ``ENOBUFS``,
-        ``ENOMEM``) call ``error_cb`` (or log one ERROR record) and pause
-        accepting 10 ms, doubling to 1 s; anything else calls ``error_cb`` and
-        pauses likewise, or with no ``error_cb`` ends the listener by raising
-        the :exc:`OSError` into its nursery. A handler's exception is logged on
-        the ``trio_evlisten`` logger (``trio.BrokenResourceError`` at DEBUG,
-        others at ERROR) unless ``handler_errors="raise"``.
+        ``accept()`` errors are sorted by errno: transient ones are retried at
+        once; out-of-resources ones (``EMFILE``, ``ENFILE``, ``ENOBUFS``,
+        ``ENOMEM``) call ``error_cb`` (or, without one, log: the first error of
+        a burst at once, then one summary line per 10 s) and pause accepting 10
+        ms, doubling to 1 s (after ``EMFILE``/``ENFILE`` a handler that finishes
+        ends the pause early); anything else calls ``error_cb`` and pauses
+        likewise, or with no ``error_cb`` ends the listener by raising the
+        :exc:`OSError` into its nursery. A handler's exception is logged on the
+        ``trio_evlisten`` logger (``trio.BrokenResourceError`` at DEBUG, others
+        at ERROR) unless ``handler_errors="raise"``.
 
     Resource handling:
         On leaving the block the listener is closed (so nothing more is
-        accepted), then the block waits for running handlers. The listening
-        socket is closed only with ``CLOSE_ON_FREE``; a Unix socket path this
-        function bound is then unlinked too. A socket passed as ``sock=`` is
-        never closed on an error before the block starts. Each trio stream
-        handed to a handler is closed when the handler returns. If the block
-        raises, handlers are cancelled at once (Trio's nursery rule).
+        accepted), then drained: ``listener.draining`` is set and the block
+        waits for running handlers (up to ``drain_timeout``). With
+        ``handler_nursery=`` it only closes: the handlers are the nursery's. The
+        listening socket is closed only with ``CLOSE_ON_FREE``; a Unix socket
+        path this function bound is then unlinked too. A socket passed as
+        ``sock=`` is never closed on an error before the block starts. Each trio
+        stream handed to a handler is closed when the handler returns. If the
+        block raises, handlers are cancelled at once (Trio's nursery rule).
     """
     flags = check_flags(flags)
     _check_cb(cb, "cb")
@@ -149,6 +163,8 @@ async def open_listener(
         proxy_timeout=proxy_timeout,
     )
     options.check(flags)
+    # Points at the caller's ``async with`` (through __aenter__).
+    warn_if_fd_limit_below(max_connections, stacklevel=3)
     lsock = await make_listening_socket(
         address=address, sock=sock, flags=flags, backlog=backlog
     )
@@ -160,7 +176,13 @@ async def open_listener(
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            listener._nursery = nursery if handler_nursery is None else handler_nursery
+            if handler_nursery is None:
+                listener._nursery = nursery
+                # Handlers get a nursery of their own, for drain() to cancel.
+                listener._spawn_into = await nursery.start(listener._host_handlers)
+            else:
+                listener._nursery = listener._spawn_into = handler_nursery
+                listener._scoped = True
             await nursery.start(listener._accept_loop)
             try:
                 yield listener
@@ -169,20 +191,55 @@ async def open_listener(
                 raise
             finally:
                 listener.close()
-                if drain_timeout is not None:
-                    scope = nursery.cancel_scope
-                    scope.deadline = min(
-                        scope.deadline, trio.current_time() + drain_timeout
-                    )
+            if handler_nursery is None:
+                # A normal exit drains: handlers see listener.draining, get
+                # drain_timeout to finish, then are cancelled.
+                await listener.drain(drain_timeout)
     except BaseExceptionGroup as group:
+        # Handlers' errors come from the handler nursery's host task, one
+        # group deeper: lift them to this level, as if handlers were direct
+        # children of this nursery.
+        spliced = _splice(group, listener._handlers_group)
         # The nursery is ours, not the caller's: an exception from the body
         # alone (KeyboardInterrupt, the caller's own error) comes out as it
         # went in. Errors of the listener itself stay in their group.
-        if body_error is None or not _is_only(group, body_error):
-            raise
+        if body_error is None or not _is_only(spliced, body_error):
+            if spliced is group:
+                raise
+            spliced.__suppress_context__ = True
+            raise spliced.with_traceback(group.__traceback__) from group.__cause__
     else:
         return
     raise body_error
+
+
+def _splice(
+    group: BaseExceptionGroup[BaseException], inner: BaseException | None
+) -> BaseExceptionGroup[BaseException]:
+    """``group`` with the group ``inner`` (one of its members) opened in place.
+
+    Trio may hand on a copy of ``inner`` (derived when it strips
+    ``Cancelled``), so the member is found by its exceptions' identity.
+    """
+    if not isinstance(inner, BaseExceptionGroup):
+        return group
+    ours = {id(exc) for exc in inner.exceptions}
+
+    def is_inner(exc: BaseException) -> bool:
+        return isinstance(exc, BaseExceptionGroup) and all(
+            id(e) in ours for e in exc.exceptions
+        )
+
+    if not any(is_inner(exc) for exc in group.exceptions):
+        return group
+    members: list[BaseException] = []
+    for exc in group.exceptions:
+        if is_inner(exc):
+            assert isinstance(exc, BaseExceptionGroup)
+            members.extend(exc.exceptions)
+        else:
+            members.append(exc)
+    return group.derive(members)
 
 
 def _is_only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import ssl
+import warnings
 from typing import Final, Literal
 
 import attrs
 import trio
 
+from ._errors import ResourceLimitWarning
 from ._flags import Flag
 from ._proxy_gate import PROXY_TIMEOUT, Network, trusted_networks
 
@@ -18,6 +20,51 @@ _HANDLER_ERRORS: Final = ("log", "raise")
 #: How long a TLS handshake may take, by default, before the connection is
 #: dropped (it runs in the handler's task, so it never blocks accepting).
 TLS_HANDSHAKE_TIMEOUT: Final = 10.0
+
+
+#: File descriptors a process needs besides one per connection (the listening
+#: socket, logs, stdio, libraries, the odd file): ``max_connections`` plus
+#: this must fit under ``RLIMIT_NOFILE``'s soft limit, else a warning.
+FD_RESERVE: Final = 64
+
+
+def check_max_connections(value: object) -> int | None:
+    """Return ``value`` if it is a valid ``max_connections``, else raise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_connections must be None or an int, not {value!r}")
+    if value < 1:
+        raise ValueError(f"max_connections must be None or >= 1, not {value!r}")
+    return value
+
+
+def warn_if_fd_limit_below(max_connections: int | None, *, stacklevel: int) -> None:
+    """Warn (:class:`ResourceLimitWarning`) if the fds cannot cover the cap."""
+    if max_connections is None:
+        return
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= max_connections + FD_RESERVE:
+        return
+    warnings.warn(
+        ResourceLimitWarning(
+            f"max_connections={max_connections} needs about "
+            f"{max_connections + FD_RESERVE} file descriptors "
+            f"(+{FD_RESERVE} in reserve), but RLIMIT_NOFILE's soft limit is "
+            f"{soft}: accept() will fail with EMFILE before the cap is "
+            "reached; raise it (ulimit -n, LimitNOFILE=) or lower max_connections"
+        ),
+        stacklevel=stacklevel + 1,
+    )
+
+
+def check_seconds(name: str, value: object, *, optional: bool) -> None:
+    """Raise TypeError/ValueError unless ``value`` is seconds (or ``None``)."""
+    _seconds(name, value, optional=optional)
 
 
 def _seconds(name: str, value: object, *, optional: bool) -> None:
@@ -54,18 +101,7 @@ class Options:
 
     def check(self, flags: Flag) -> None:
         """Raise TypeError/ValueError, naming the value, for a bad option."""
-        max_connections = self.max_connections
-        if max_connections is not None:
-            if isinstance(max_connections, bool) or not isinstance(
-                max_connections, int
-            ):
-                raise TypeError(
-                    f"max_connections must be None or an int, not {max_connections!r}"
-                )
-            if max_connections < 1:
-                raise ValueError(
-                    f"max_connections must be None or >= 1, not {max_connections!r}"
-                )
+        check_max_connections(self.max_connections)
         _seconds("drain_timeout", self.drain_timeout, optional=True)
         if self.handler_nursery is not None:
             if not isinstance(self.handler_nursery, trio.Nursery):

@@ -11,12 +11,15 @@ import errno
 import os
 import socket
 import stat
+import struct
 import sys
+import warnings
 from typing import Final, TypeAlias, final
 
 import attrs
 import trio
 
+from ._errors import ResourceLimitWarning
 from ._flags import Flag
 
 #: What ``address=`` takes: ``(host, port)``, ``(host, port, flowinfo,
@@ -46,6 +49,68 @@ def default_backlog() -> int:
             return min(int(f.read()), BACKLOG_MAX)
     except (OSError, ValueError):
         return BACKLOG_MAX
+
+
+def somaxconn() -> int | None:
+    """Linux's ``net.core.somaxconn`` (the kernel's cap on any backlog), or None."""
+    try:
+        with open(_SOMAXCONN_PATH, "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _listen(std: socket.socket, backlog: int) -> int:
+    """``listen()`` with ``backlog`` (``< 0``: the default); return the effective one.
+
+    Warns (:class:`ResourceLimitWarning`) when the kernel will cut an asked
+    backlog to ``somaxconn``: connections beyond it are dropped or refused
+    while the listener is busy, which is what the caller tried to avoid.
+    """
+    asked = backlog if backlog > 0 else default_backlog()
+    std.listen(asked)
+    cap = somaxconn()
+    if cap is None or asked <= cap:
+        return asked
+    if backlog > 0:
+        warnings.warn(
+            ResourceLimitWarning(
+                f"backlog={backlog} was cut to {cap} by the kernel "
+                f"({_SOMAXCONN_PATH}); raise net.core.somaxconn to get it"
+            ),
+            stacklevel=2,
+        )
+    return cap
+
+
+#: ``struct tcp_info``: 8 bytes of u8 fields, then u32 ``tcpi_rto``,
+#: ``tcpi_ato``, ``tcpi_snd_mss``, ``tcpi_rcv_mss``, ``tcpi_unacked`` (offset
+#: 24) and ``tcpi_sacked`` (offset 28). On a listening socket Linux reports
+#: the accept queue's length in ``tcpi_unacked`` and its limit in
+#: ``tcpi_sacked`` (``tcp_get_info`` in net/ipv4/tcp.c).
+_TCP_INFO_QUEUE: Final = struct.Struct("=24xII")
+
+
+def accept_queue(std: socket.socket) -> tuple[int, int] | None:
+    """``(depth, limit)`` of a listening TCP socket's accept queue, or None.
+
+    None on a Unix socket, a platform without ``TCP_INFO``, or a closed socket.
+    """
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if (
+        tcp_info is None
+        or not sys.platform.startswith("linux")
+        or std.family not in (socket.AF_INET, socket.AF_INET6)
+    ):
+        return None
+    try:
+        raw = std.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCP_INFO_QUEUE.size)
+    except OSError:
+        return None
+    if len(raw) < _TCP_INFO_QUEUE.size:  # pragma: no cover - very old kernels
+        return None
+    depth, limit = _TCP_INFO_QUEUE.unpack_from(raw)
+    return depth, limit
 
 
 def check_backlog(backlog: object, *, wrapping: bool) -> int:
@@ -81,6 +146,8 @@ class ListeningSocket:
     #: a subclass of socket.socket, which trio refuses to wrap); only one of
     #: the two may close the fd, the other must be detached.
     twin: bool = False
+    #: The backlog in effect after the kernel's cap, when we called listen().
+    backlog: int | None = None
 
     def closed_underfoot(self) -> bool:
         """Whether someone closed the socket behind the listener's back.
@@ -222,8 +289,10 @@ def _bind_inet(
             )
         std.bind(sockaddr)
         _apply_listening_flags(std, flags)
-        std.listen(backlog if backlog > 0 else default_backlog())
-        return ListeningSocket(std, trio.socket.from_stdlib_socket(std))
+        effective = _listen(std, backlog)
+        return ListeningSocket(
+            std, trio.socket.from_stdlib_socket(std), backlog=effective
+        )
     except BaseException:
         std.close()
         raise
@@ -238,13 +307,13 @@ def _bind_unix(path: str, flags: Flag, backlog: int) -> ListeningSocket:
         unlink = None if path.startswith("\0") else path
         try:
             _apply_listening_flags(std, flags)
-            std.listen(backlog if backlog > 0 else default_backlog())
+            effective = _listen(std, backlog)
             trio_sock = trio.socket.from_stdlib_socket(std)
         except BaseException:
             if unlink is not None:
                 _unlink_if_ours(unlink, std)
             raise
-        return ListeningSocket(std, trio_sock, unlink_path=unlink)
+        return ListeningSocket(std, trio_sock, unlink_path=unlink, backlog=effective)
     except BaseException:
         std.close()
         raise
@@ -280,8 +349,7 @@ def _wrap(sock: SockArg, flags: Flag, backlog: int) -> ListeningSocket:
             # lets later sockets bind the same port beside it.
             std.setsockopt(socket.SOL_SOCKET, _so_reuseport(), 1)
         _apply_listening_flags(std, flags)
-        if backlog != 0:
-            std.listen(backlog if backlog > 0 else default_backlog())
+        effective = _listen(std, backlog) if backlog != 0 else None
         std.setblocking(False)
         twin = False
         if isinstance(sock, trio.socket.SocketType):
@@ -295,7 +363,9 @@ def _wrap(sock: SockArg, flags: Flag, backlog: int) -> ListeningSocket:
             trio_sock = trio.socket.from_stdlib_socket(
                 socket.socket(std.family, std.type, std.proto, fileno=std.fileno())
             )
-        return ListeningSocket(std, trio_sock, from_fd=from_fd, twin=twin)
+        return ListeningSocket(
+            std, trio_sock, from_fd=from_fd, twin=twin, backlog=effective
+        )
     except BaseException:
         if from_fd:
             std.detach()

@@ -1,4 +1,4 @@
-"""The frozen snapshot that :meth:`ConnListener.statistics` returns."""
+"""The frozen records that :meth:`ConnListener.statistics` and ``drain`` return."""
 
 from __future__ import annotations
 
@@ -32,7 +32,17 @@ class ListenerStatistics:
             PROXY header; their handlers never ran.
         enabled: as :attr:`ConnListener.enabled`.
         closed: as :attr:`ConnListener.closed`.
-        max_connections: the cap on running handlers, or ``None``.
+        max_connections: the cap on running handlers, or ``None`` (see
+            :meth:`ConnListener.set_max_connections`).
+        queue_depth: connections waiting in the kernel's accept queue now
+            (Linux ``TCP_INFO``'s ``tcpi_unacked`` on a listening socket);
+            ``None`` for a Unix socket, on other platforms, or once closed.
+        queue_limit: the accept queue's limit as the kernel applies it
+            (``tcpi_sacked``); ``None`` where ``queue_depth`` is.
+        backlog: the backlog in effect after the kernel's ``somaxconn`` cap
+            (``queue_limit`` when known; else what ``listen()`` was given,
+            capped); ``None`` for a ``sock=`` that was already listening on
+            a platform without ``TCP_INFO``.
     """
 
     accepted: int
@@ -47,3 +57,22 @@ class ListenerStatistics:
     enabled: bool
     closed: bool
     max_connections: int | None
+    queue_depth: int | None = None
+    queue_limit: int | None = None
+    backlog: int | None = None
+
+
+@final
+@attrs.frozen
+class DrainResult:
+    """What :meth:`ConnListener.drain` did with the handlers it found running.
+
+    Attributes:
+        finished: handlers that returned (or raised) by themselves within
+            the grace period.
+        cancelled: handlers still running when the grace period ended,
+            which the drain cancelled.
+    """
+
+    finished: int
+    cancelled: int

@@ -1,7 +1,8 @@
 """The backoff schedule, measured: ten EMFILEs in a row, no error callback.
 
-Trio's MockClock makes the pauses virtual and the times exact; each failed
-accept() also logs one ERROR record on the ``trio_evlisten`` logger.
+Trio's MockClock makes the pauses virtual and the times exact. With no error
+callback the errors are logged grouped on the ``trio_evlisten`` logger: the
+first at once, the other nine in one line when the listener closes.
 """
 
 from __future__ import annotations

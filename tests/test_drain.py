@@ -1,0 +1,266 @@
+"""drain(): stop accepting, tell handlers to finish up, wait, cancel the rest."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from tests.conftest import echo_handler, recv_exactly
+from trio_evlisten import ConnListener, DrainResult, Flag, open_listener
+from trio_evlisten.testing import open_stream_to
+
+LOCAL = ("127.0.0.1", 0)
+FREE = Flag.CLOSE_ON_FREE
+
+
+class Polite:
+    """A handler that finishes up ``finish_in`` seconds after draining begins,
+    or never (``math.inf``), recording what happened when."""
+
+    def __init__(self) -> None:
+        self.started = trio.Semaphore(0)
+        self.told: dict[bytes, float] = {}
+        self.ended: dict[bytes, tuple[str, float]] = {}
+
+    async def __call__(
+        self, listener: ConnListener, conn: trio.SocketStream, addr: Any
+    ) -> None:
+        kind = await recv_exactly(conn, 5)
+        finish_in = {b"quick": 0.25, b"stuck": math.inf}[kind]
+        self.started.release()
+        try:
+            await listener.wait_draining()
+            assert listener.draining
+            self.told[kind] = trio.current_time()
+            await trio.sleep(finish_in)
+        except trio.Cancelled:
+            self.ended[kind] = ("cancelled", trio.current_time())
+            raise
+        self.ended[kind] = ("finished", trio.current_time())
+
+
+async def test_drain_signals_waits_the_grace_exactly_then_cancels(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = Polite()
+    with trio.fail_after(10):
+        async with (
+            open_listener(handler, address=LOCAL, flags=FREE) as listener,
+            await open_stream_to(listener) as quick,
+            await open_stream_to(listener) as stuck,
+        ):
+            await quick.send_all(b"quick")
+            await stuck.send_all(b"stuck")
+            await handler.started.acquire()
+            await handler.started.acquire()
+            assert not listener.draining
+            t0 = trio.current_time()
+            result = await listener.drain(1.5)
+            assert trio.current_time() == t0 + 1.5
+            assert result == DrainResult(finished=1, cancelled=1)
+            assert listener.closed
+            assert listener.draining
+            stats = listener.statistics()
+    assert handler.told == {b"quick": t0, b"stuck": t0}
+    assert handler.ended == {
+        b"quick": ("finished", t0 + 0.25),
+        b"stuck": ("cancelled", t0 + 1.5),
+    }
+    assert (stats.active, stats.handler_errors, stats.accepted) == (0, 0, 2)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_drain_stops_accepting_at_once_and_returns_at_once_when_idle(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(10):
+        async with open_listener(echo_handler, address=LOCAL, flags=FREE) as listener:
+            async with await open_stream_to(listener) as client:
+                await client.send_all(b"hi")
+                assert await recv_exactly(client, 2) == b"hi"
+            await trio.testing.wait_all_tasks_blocked()
+            t0 = trio.current_time()
+            assert await listener.drain(30) == DrainResult(finished=0, cancelled=0)
+            assert trio.current_time() == t0
+            assert listener.closed
+            assert listener.fd == -1  # CLOSE_ON_FREE: the socket is gone
+            with pytest.raises(OSError, match="connect"):
+                await trio.open_tcp_stream("127.0.0.1", listener.port)
+            # Idempotent: a second drain finds nothing to do.
+            assert await listener.drain(0) == DrainResult(finished=0, cancelled=0)
+
+
+async def test_grace_none_waits_for_every_handler(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    started = trio.Event()
+
+    async def slow(listener: ConnListener, conn: trio.SocketStream, addr: Any) -> None:
+        started.set()
+        await trio.sleep(100)
+
+    with trio.fail_after(1000):
+        async with (
+            open_listener(slow, address=LOCAL, flags=FREE) as listener,
+            await open_stream_to(listener),
+        ):
+            await started.wait()
+            t0 = trio.current_time()
+            assert await listener.drain() == DrainResult(finished=1, cancelled=0)
+            assert trio.current_time() == t0 + 100
+
+
+@pytest.mark.parametrize("handler_errors", ["log", "raise"])
+async def test_a_handler_that_fails_as_drain_cancels_it_is_no_handler_error(
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    handler_errors: Any,
+) -> None:
+    started = trio.Event()
+
+    async def messy(listener: ConnListener, conn: trio.SocketStream, addr: Any) -> None:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise ValueError("cleanup failed on cancellation")
+
+    with trio.fail_after(10):
+        async with (
+            open_listener(
+                messy, address=LOCAL, flags=FREE, handler_errors=handler_errors
+            ) as listener,
+            await open_stream_to(listener),
+        ):
+            await started.wait()
+            assert await listener.drain(0) == DrainResult(finished=0, cancelled=1)
+            stats = listener.statistics()
+    assert stats.handler_errors == 0
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_leaving_the_block_drains_with_drain_timeout_and_signals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler = Polite()
+    with trio.fail_after(10):
+        async with (
+            open_listener(
+                handler, address=LOCAL, flags=FREE, drain_timeout=2
+            ) as listener,
+            await open_stream_to(listener) as quick,
+            await open_stream_to(listener) as stuck,
+        ):
+            await quick.send_all(b"quick")
+            await stuck.send_all(b"stuck")
+            await handler.started.acquire()
+            await handler.started.acquire()
+            t0 = trio.current_time()
+        assert trio.current_time() == t0 + 2
+        assert listener.draining
+    # The handlers learnt it the moment the block was left.
+    assert handler.told == {b"quick": t0, b"stuck": t0}
+    assert handler.ended == {
+        b"quick": ("finished", t0 + 0.25),
+        b"stuck": ("cancelled", t0 + 2),
+    }
+
+
+async def test_with_handler_nursery_drain_cancels_only_its_own_handlers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler = Polite()
+    bystander_done: list[float] = []
+
+    async def bystander() -> None:
+        await trio.sleep(10)
+        bystander_done.append(trio.current_time())
+
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bystander)
+            async with (
+                open_listener(
+                    handler, address=LOCAL, flags=FREE, handler_nursery=nursery
+                ) as listener,
+                await open_stream_to(listener) as stuck,
+            ):
+                await stuck.send_all(b"stuck")
+                await handler.started.acquire()
+                t0 = trio.current_time()
+                result = await listener.drain(3)
+                assert trio.current_time() == t0 + 3
+            assert result == DrainResult(finished=0, cancelled=1)
+            assert handler.ended == {b"stuck": ("cancelled", t0 + 3)}
+            assert bystander_done == []  # the nursery's other task goes on
+    assert bystander_done == [pytest.approx(t0 + 10, abs=0.5)]
+
+
+async def test_leaving_the_block_with_handler_nursery_does_not_drain(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler = Polite()
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            async with (
+                open_listener(
+                    handler, address=LOCAL, flags=FREE, handler_nursery=nursery
+                ) as listener,
+                await open_stream_to(listener) as quick,
+            ):
+                await quick.send_all(b"quick")
+                await handler.started.acquire()
+            # The handlers are the nursery's: closed, not drained.
+            assert listener.closed
+            assert not listener.draining
+            await trio.testing.wait_all_tasks_blocked()
+            assert handler.told == {}
+            t0 = trio.current_time()
+            assert await listener.drain(5) == DrainResult(finished=1, cancelled=0)
+            assert handler.ended == {b"quick": ("finished", t0 + 0.25)}
+
+
+async def test_two_drains_at_once_both_return_when_the_handlers_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler = Polite()
+    results: list[tuple[float, DrainResult]] = []
+    with trio.fail_after(10):
+        async with (
+            open_listener(handler, address=LOCAL, flags=FREE) as listener,
+            await open_stream_to(listener) as quick,
+        ):
+            await quick.send_all(b"quick")
+            await handler.started.acquire()
+            t0 = trio.current_time()
+
+            async def drain(grace: float) -> None:
+                result = await listener.drain(grace)
+                results.append((trio.current_time(), result))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain, 10)
+                nursery.start_soon(drain, 20)
+    # Both saw the handler finish by itself at +0.25 s.
+    assert sorted(results, key=lambda r: r[0]) == [
+        (t0 + 0.25, DrainResult(finished=1, cancelled=0)),
+        (t0 + 0.25, DrainResult(finished=1, cancelled=0)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("grace", "error"),
+    [(-1, ValueError), (math.nan, ValueError), ("1", TypeError), (True, TypeError)],
+)
+async def test_drain_grace_is_checked(grace: Any, error: type[Exception]) -> None:
+    with trio.fail_after(10):
+        async with open_listener(echo_handler, address=LOCAL, flags=FREE) as listener:
+            with pytest.raises(error, match="grace"):
+                await listener.drain(grace)
+            assert not listener.closed
+            assert not listener.draining

@@ -1,0 +1,103 @@
+"""Grouped accept-error logging: one line at once, then one per 10 s at most."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from tests.conftest import echo_handler, recv_exactly
+from trio_evlisten import ERROR_LOG_INTERVAL, open_listener
+from trio_evlisten.testing import ScriptedSocket, open_stream_to
+
+
+def oserror(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+class TrioTimes(logging.Handler):
+    """Records (trio time, accept_errors, message) of each record."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen: list[tuple[float, int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        count = getattr(record, "accept_errors", -1)
+        self.seen.append((trio.current_time(), count, record.getMessage()))
+
+
+@pytest.fixture
+def log_times() -> Iterator[TrioTimes]:
+    handler = TrioTimes()
+    logger = logging.getLogger("trio_evlisten")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+async def test_a_burst_is_one_line_at_once_then_a_summary_at_the_interval(
+    autojump_clock: trio.testing.MockClock, log_times: TrioTimes
+) -> None:
+    assert ERROR_LOG_INTERVAL == 10.0
+    first_burst = [oserror(errno.EMFILE)] * 2 + [oserror(errno.ENFILE)]
+    with trio.fail_after(100), ScriptedSocket(first_burst) as ssock:
+        async with open_listener(echo_handler, sock=ssock) as listener:
+            t0 = trio.current_time()
+            async with await open_stream_to(listener) as client:
+                await client.send_all(b"a")
+                assert await recv_exactly(client, 1) == b"a"  # served at +70 ms
+            # Quiet for a long while: the summary comes out at t0 + 10 s,
+            # while the listener idles, not at the next error.
+            await trio.sleep_until(t0 + 30)
+            # A new burst, long after the last line: logged at once again.
+            ssock.script.append(oserror(errno.ENOBUFS))
+            async with await open_stream_to(listener) as client:
+                await client.send_all(b"b")
+                assert await recv_exactly(client, 1) == b"b"
+            t1 = ssock.calls[-3]  # the ENOBUFS (then the accept, then EAGAIN)
+            stats = listener.statistics()
+    assert [t - t0 for t, _, _ in log_times.seen] == pytest.approx([0.0, 10.0, t1 - t0])
+    assert [n for _, n, _ in log_times.seen] == [1, 2, 1]
+    assert t1 >= t0 + 30
+    first, summary, again = (m for _, _, m in log_times.seen)
+    assert "[Errno 24] Too many open files; pausing accepts for 0.010 s" in first
+    assert "EMFILE \u00d71, ENFILE \u00d71 in 10.0 s" in summary
+    assert "(last: [Errno 23] Too many open files in system, then a 0.040 s pause)" in (
+        summary
+    )
+    assert "No buffer space available; pausing accepts for 0.010 s" in again
+    assert stats.errors == 4  # every error counted, whatever was logged
+
+
+async def test_sustained_errors_never_log_more_than_one_line_per_interval(
+    autojump_clock: trio.testing.MockClock, log_times: TrioTimes
+) -> None:
+    script = [oserror(errno.EMFILE) for _ in range(100)]
+    with trio.fail_after(200), ScriptedSocket(script) as ssock:
+        async with (
+            open_listener(echo_handler, sock=ssock) as listener,
+            await open_stream_to(listener) as client,
+        ):
+            await client.send_all(b"q")
+            assert await recv_exactly(client, 1) == b"q"  # after all 100 errors
+            end = trio.current_time()
+            stats = listener.statistics()
+        closed_at = trio.current_time()
+    start = ssock.calls[0]
+    times = [t - start for t, _, _ in log_times.seen]
+    counts = [n for _, n, _ in log_times.seen]
+    # 100 errors: 8 by 1.27 s, then one a second until 93.27 s.
+    assert end - start == pytest.approx(94.27)
+    assert times == pytest.approx([0.0, *(10.0 * k for k in range(1, 10)), 94.27])
+    assert sum(counts) == 100 == stats.errors
+    assert counts[0] == 1
+    assert log_times.seen[-1][2].endswith("; listener closed")
+    assert closed_at == pytest.approx(end)
