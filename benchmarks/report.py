@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import statistics
+import textwrap
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any, Final
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 BASELINE: Final = "trio"
 OURS: Final = "ours"
+#: ``ours`` in worker processes sharing the port (SO_REUSEPORT).
+OURS_WORKERS: Final = "ours-2w"
 
 
 @attrs.frozen
@@ -88,6 +91,9 @@ class Cell:
             else:
                 delta_kib = int(out["rss_after_kb"]) - int(out["rss_before_kb"])
                 m = {"kib_conn": delta_kib / held}
+        if m and "server_procs" in out:
+            # The size of the server's process tree the CPU/RSS sum covered.
+            m["procs"] = float(out["server_procs"])
         return cls(server, workload, not problem, problem, m if not problem else {})
 
     def as_json(self) -> dict[str, Any]:
@@ -234,6 +240,23 @@ def markdown(
         if cpus[0]
         else "no pinning (one CPU)"
     )
+    if len(cpus[0]) == 1:
+        workers_note = (
+            "Here the server is pinned to one CPU, so with 2 workers the"
+            " supervisor and both workers **share that one CPU**: the row shows"
+            " what distributing connections over processes with SO_REUSEPORT"
+            " costs, not a speed-up. On a machine with more cores the workers"
+            " should get a CPU each (pin the server to 2+ CPUs) to show scaling."
+        )
+    else:
+        workers_note = (
+            f"Here the server may use CPUs {cpus[0] or 'any'}; with fewer CPUs"
+            " than workers they share them, and the row shows the cost of the"
+            " SO_REUSEPORT distribution rather than a speed-up."
+        )
+    workers_note = textwrap.fill(
+        workers_note, width=76, initial_indent="  ", subsequent_indent="  "
+    )
     busy = (
         ": above the benchmark's own ~2, so other jobs shared the CPUs, which"
         " spreads the rates (see min..max); CPU time per operation is steadier."
@@ -259,7 +282,8 @@ How it is measured (benchmarks/run.py, benchmarks/c/loadgen.c):
 - The load generator is C (epoll, one thread per CPU it is pinned to) and
   checks every echoed byte; the server's CPU time (utime+stime from
   /proc/PID/stat) and VmRSS are read by it at the edges of the measurement
-  window.
+  window, summed over the server's whole process tree (for `ours-2w` the
+  supervisor and its two workers; a single-process server is a tree of one).
 - **Server CPU per connection / round trip / MB** is the figure to compare
   when the load generator, not the server, is the limit: on a 2-CPU machine
   the C servers (and possibly uvloop) outrun one load-generator CPU, so their
@@ -273,6 +297,11 @@ How it is measured (benchmarks/run.py, benchmarks/c/loadgen.c):
   REUSEABLE); `trio` is `trio.serve_tcp` with the same handler; the asyncio,
   uvloop, libevent and epoll servers are in benchmarks/pyservers.py and
   benchmarks/c/.
+- `ours-2w` is `python -m trio_evlisten.workers --workers 2` (same echo
+  handler): a supervisor and 2 worker processes, each with its own listening
+  socket on the port (SO_REUSEPORT), the kernel spreading connections over
+  them; the harness waits until both workers listen before the load starts.
+{workers_note}
 
 ![chart](bench.png)
 
@@ -309,7 +338,7 @@ def write_chart(
     ncols = 2
     nrows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(nrows, ncols, figsize=(12, 3.2 * nrows), squeeze=False)
-    colors = {OURS: "#e66101", BASELINE: "#5e3c99"}
+    colors = {OURS: "#e66101", OURS_WORKERS: "#fdb863", BASELINE: "#5e3c99"}
     order = list(reversed(servers))
     for ax, (w, k, label) in zip(axes.flat, panels, strict=False):
         meds, lo, hi = [], [], []

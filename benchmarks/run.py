@@ -13,7 +13,9 @@ thread per CPU it is given) to the others, with ``taskset``. Servers run
 under ``prlimit --nofile=HARD:HARD`` so 5,000 idle connections fit. The
 load generator reads the server's CPU time and VmRSS from /proc at the
 edges of its measurement window, so "server CPU per connection" stays
-honest even when the load generator is the bottleneck.
+honest even when the load generator is the bottleneck. Both are summed over
+the server's whole process tree (a supervisor and its workers too), so a
+multi-process server is measured the same way as a single-process one.
 
 Error handling: a server that does not start, dies, or echoes a wrong or
 missing byte marks its cell FAILED; the run goes on, prints the table and
@@ -65,6 +67,7 @@ PYSERVERS: Final = HERE / "pyservers.py"
 #: name -> (description, how to start it: a function of port and build dir).
 SERVERS: Final[dict[str, str]] = {
     "ours": "trio_evlisten: examples/echo.py",
+    "ours-2w": "trio_evlisten.workers --workers 2: SO_REUSEPORT",
     "trio": "trio.serve_tcp",
     "asyncio-streams": "asyncio.start_server (streams)",
     "asyncio-protocol": "asyncio Protocol",
@@ -72,6 +75,9 @@ SERVERS: Final[dict[str, str]] = {
     "libevent-c": "C: libevent evconnlistener + bufferevent",
     "epoll-c": "C: minimal epoll loop (floor)",
 }
+#: Listening sockets a server opens on its port (default 1): the harness
+#: waits for all of them, so every worker is accepting when the load starts.
+LISTENERS: Final[dict[str, int]] = {"ours-2w": 2}
 #: Selectable with --servers but never run by default: the harness's
 #: self-check, a server that corrupts the echo and must be reported FAILED.
 HIDDEN_SERVERS: Final = {"corrupt": "asyncio Protocol flipping a bit (self-check)"}
@@ -103,6 +109,12 @@ def server_argv(name: str, port: int, bindir: Path) -> list[str]:
     py = sys.executable
     if name == "ours":
         return [py, str(ROOT / "examples" / "echo.py"), str(port)]
+    if name == "ours-2w":
+        # The default handler is the same echo as examples/echo.py's.
+        return [
+            *(py, "-m", "trio_evlisten.workers", "--workers", "2"),
+            *("--host", "127.0.0.1", "--port", str(port)),
+        ]
     if name in ("libevent-c", "epoll-c"):
         return [str(bindir / name), str(port)]
     return [py, str(PYSERVERS), name, str(port)]
@@ -210,14 +222,18 @@ class Procs:
     def start(
         self, argv: list[str], *, stderr: int | IO[bytes] = subprocess.DEVNULL
     ) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
+        """Start ``argv`` in a new process group, so its children die with it."""
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+        )
         self.live.append(proc)
         return proc
 
     def kill(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        """Signal ``proc``'s process group (it and e.g. its workers); reap it."""
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
+                os.killpg(proc.pid, sig)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -231,12 +247,38 @@ class Procs:
             self.kill(proc)
 
 
-def wait_ready(proc: subprocess.Popen[bytes], port: int) -> None:
-    """Wait until the server accepts a connection and echoes a byte."""
+def listening_sockets(port: int) -> int:
+    """How many TCP sockets (IPv4 and IPv6) are in LISTEN state on ``port``."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f, None)  # the header
+            for line in f:
+                fields = line.split()
+                # local_address is HEXADDR:HEXPORT; state 0A is LISTEN.
+                if (
+                    len(fields) > 3
+                    and fields[3] == "0A"
+                    and int(fields[1].rsplit(":", 1)[1], 16) == port
+                ):
+                    count += 1
+    return count
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, listeners: int = 1) -> None:
+    """Wait until ``listeners`` sockets listen on ``port`` and one echoes a byte.
+
+    A multi-process server (``listeners`` > 1, one socket per worker with
+    SO_REUSEPORT) is ready when every worker listens: otherwise the load's
+    first connections would all go to the first worker up.
+    """
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with status {proc.returncode}")
+        if listening_sockets(port) < listeners:
+            time.sleep(0.05)
+            continue
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
                 s.sendall(b"!")
@@ -245,7 +287,10 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int) -> None:
                 raise RuntimeError("server did not echo the readiness probe")
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"server not accepting on port {port} after {READY_TIMEOUT}s")
+    raise RuntimeError(
+        f"server not accepting on port {port} with {listeners} listening"
+        f" socket(s) after {READY_TIMEOUT}s"
+    )
 
 
 def run_cell(
@@ -276,7 +321,7 @@ def run_cell(
                 errlog.truncate()
                 proc = procs.start(argv, stderr=errlog)
                 try:
-                    wait_ready(proc, port)
+                    wait_ready(proc, port, LISTENERS.get(server, 1))
                     break
                 except RuntimeError:
                     procs.kill(proc)
@@ -290,6 +335,7 @@ def run_cell(
                         [
                             str(Path(sys.executable).parent / "py-spy"),
                             "record",
+                            "--subprocesses",
                             "--pid",
                             str(proc.pid),
                             "--format",

@@ -47,7 +47,29 @@ def test_smoke_round_trips_against_trio_and_ours() -> None:
         rate = cells[1]
         assert re.fullmatch(r"[\d.]+k?", rate), rate
         assert float(rate.rstrip("k")) > 0
+        # A single-process server: the process-tree sum covers one process.
+        line = re.search(rf"^round 1 rt +{server} .*$", done.stdout, re.MULTILINE)
+        assert line is not None, done.stdout
+        assert "procs=1" in line.group(0), line.group(0)
     assert re.search(r"- round trips/s: \d+\.\d\dx", done.stdout), done.stdout
+
+
+def test_smoke_two_workers_sums_cpu_over_the_process_tree() -> None:
+    done = run_smoke("--servers", "ours-2w", "--workloads", "rt")
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = re.search(r"^\| ours-2w \(.*$", done.stdout, re.MULTILINE)
+    assert row is not None, done.stdout
+    assert "FAILED" not in row.group(0)
+    cells = [c.strip() for c in row.group(0).strip("|").split("|")]
+    # server | round trips/s | p50 | p99 | server CPU µs/rt (no trio: no ratio)
+    rate, cpu = cells[1], cells[4]
+    assert float(rate.rstrip("k")) > 0, rate
+    # The supervisor does no I/O: a CPU figure above 0 means the workers'
+    # CPU time was summed in, over a tree of 3 processes.
+    assert float(cpu.rstrip("k")) > 0, cpu
+    line = re.search(r"^round 1 rt +ours-2w .*$", done.stdout, re.MULTILINE)
+    assert line is not None, done.stdout
+    assert "procs=3" in line.group(0), line.group(0)
 
 
 def test_smoke_fails_a_server_that_corrupts_the_echo() -> None:

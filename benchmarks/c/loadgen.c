@@ -4,8 +4,9 @@
  * CPUs in this process's affinity mask, so `taskset` decides). Every byte
  * echoed back is checked against what was sent; a wrong or missing byte is a
  * "mismatch", a failed connect/read/write an "error". The server's CPU time
- * (utime+stime from /proc/PID/stat) and VmRSS are read here, at the exact
- * edges of the measurement window.
+ * (utime+stime from /proc/PID/stat) and VmRSS, summed over its process tree
+ * (the server and all its descendants, e.g. a supervisor and its workers),
+ * are read here, at the exact edges of the measurement window.
  *
  *   loadgen MODE PORT [-c conns] [-d seconds] [-w warmup] [-p server_pid]
  *           [-s size] [-t threads]
@@ -18,6 +19,7 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -93,32 +95,93 @@ static double bucket_value(int idx) {
     return (double)(m << e) + (double)(1ull << e) / 2.0;
 }
 
-static void read_server(double *cpu_s, long *rss_kb) {
+/* utime+stime (clock ticks) and parent pid of process PID, from
+ * /proc/PID/stat; 0 on success, -1 if it is gone or unreadable. */
+static int read_stat(int pid, int *ppid, unsigned long long *ticks) {
     char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = 0;
+    fclose(f);
+    char *p = strrchr(buf, ')');
+    unsigned long ut = 0, st = 0;
+    /* after ") ": state(3) ppid(4) pgrp session tty tpgid flags minflt
+     * cminflt majflt cmajflt utime(14) stime(15) */
+    if (!p || sscanf(p + 2, "%*c %d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
+                     ppid, &ut, &st) != 3)
+        return -1;
+    *ticks = (unsigned long long)ut + st;
+    return 0;
+}
+
+static long read_rss_kb(int pid) {
+    char path[64], buf[512];
+    long kb = 0;
+    snprintf(path, sizeof path, "/proc/%d/status", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    while (fgets(buf, sizeof buf, f))
+        if (sscanf(buf, "VmRSS: %ld kB", &kb) == 1) break;
+    fclose(f);
+    return kb;
+}
+
+/* The server's CPU time and VmRSS, summed over its whole process tree (the
+ * server and every descendant: a supervisor and its workers), found by
+ * scanning /proc/[0-9]* for parent pids (/proc/PID/task/TID/children needs
+ * CONFIG_PROC_CHILDREN, which not every kernel has). A single-process
+ * server is a tree of one. Sets *nprocs to the tree's size. */
+static void read_server(double *cpu_s, long *rss_kb, int *nprocs) {
     *cpu_s = -1;
     *rss_kb = -1;
+    *nprocs = 0;
     if (server_pid <= 0) return;
-    snprintf(path, sizeof path, "/proc/%d/stat", server_pid);
-    FILE *f = fopen(path, "r");
-    if (f) {
-        size_t n = fread(buf, 1, sizeof buf - 1, f);
-        buf[n] = 0;
-        fclose(f);
-        char *p = strrchr(buf, ')');
-        unsigned long ut = 0, st = 0;
-        /* after ") ": state(3) ppid pgrp session tty tpgid flags minflt
-         * cminflt majflt cmajflt utime(14) stime(15) */
-        if (p && sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
-                        &ut, &st) == 2)
-            *cpu_s = (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+    enum { MAXP = 65536 };
+    static int pids[MAXP], ppids[MAXP];
+    static unsigned long long ticks[MAXP];
+    static unsigned char in_tree[MAXP];
+    int n = 0;
+    DIR *d = opendir("/proc");
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL && n < MAXP) {
+        if (e->d_name[0] < '1' || e->d_name[0] > '9') continue;
+        int pid = atoi(e->d_name);
+        if (read_stat(pid, &ppids[n], &ticks[n]) == 0) {
+            pids[n] = pid;
+            in_tree[n] = pid == server_pid;
+            n++;
+        }
     }
-    snprintf(path, sizeof path, "/proc/%d/status", server_pid);
-    f = fopen(path, "r");
-    if (f) {
-        while (fgets(buf, sizeof buf, f))
-            if (sscanf(buf, "VmRSS: %ld kB", rss_kb) == 1) break;
-        fclose(f);
+    closedir(d);
+    /* Mark descendants until nothing changes (depth is tiny in practice). */
+    for (int changed = 1; changed;) {
+        changed = 0;
+        for (int i = 0; i < n; i++) {
+            if (in_tree[i]) continue;
+            for (int j = 0; j < n; j++)
+                if (in_tree[j] && pids[j] == ppids[i]) {
+                    in_tree[i] = 1;
+                    changed = 1;
+                    break;
+                }
+        }
     }
+    unsigned long long sum = 0;
+    long rss = 0;
+    int count = 0;
+    for (int i = 0; i < n; i++) {
+        if (!in_tree[i]) continue;
+        sum += ticks[i];
+        rss += read_rss_kb(pids[i]);
+        count++;
+    }
+    if (count == 0) return; /* the server is gone */
+    *cpu_s = (double)sum / (double)sysconf(_SC_CLK_TCK);
+    *rss_kb = rss;
+    *nprocs = count;
 }
 
 static void fill_req(conn_t *c) {
@@ -405,7 +468,8 @@ int main(int argc, char **argv) {
 
     double cpu0, cpu1;
     long rss0, rss1;
-    read_server(&cpu0, &rss0);
+    int np0, np1;
+    read_server(&cpu0, &rss0, &np0);
     long rss_before = rss0;
 
     worker_t *ws = calloc((size_t)nthreads, sizeof *ws);
@@ -424,19 +488,19 @@ int main(int argc, char **argv) {
         while (atomic_load(&idle_ready) < nconns && now_ns() < deadline) sleep_s(0.01);
         held = atomic_load(&idle_ready);
         sleep_s(warmup); /* let the server settle */
-        read_server(&cpu1, &rss1);
+        read_server(&cpu1, &rss1, &np1);
         cpu0 = cpu1;
         elapsed = 0;
         atomic_store(&phase, 2);
     } else {
         sleep_s(warmup);
-        read_server(&cpu0, &rss0);
+        read_server(&cpu0, &rss0, &np0);
         uint64_t t0 = now_ns();
         atomic_store(&phase, 1);
         sleep_s(duration);
         atomic_store(&phase, 2);
         uint64_t t1 = now_ns();
-        read_server(&cpu1, &rss1);
+        read_server(&cpu1, &rss1, &np1);
         elapsed = (double)(t1 - t0) / 1e9;
     }
     uint64_t ops = 0, bytes = 0, errors = 0, mism = 0, total = 0;
@@ -460,10 +524,11 @@ int main(int argc, char **argv) {
     printf("{\"mode\": \"%s\", \"threads\": %d, \"conns\": %d, \"elapsed\": %.6f, "
            "\"ops\": %llu, \"bytes\": %llu, \"p50_us\": %.3f, \"p99_us\": %.3f, "
            "\"cpu_s\": %.4f, \"errors\": %llu, \"mismatches\": %llu, "
-           "\"rss_before_kb\": %ld, \"rss_after_kb\": %ld, \"held\": %d}\n",
+           "\"rss_before_kb\": %ld, \"rss_after_kb\": %ld, \"held\": %d, "
+           "\"server_procs\": %d}\n",
            argv[1], nthreads, nconns, elapsed, (unsigned long long)ops,
            (unsigned long long)bytes, p50, p99, cpu1 - cpu0, (unsigned long long)errors,
-           (unsigned long long)mism, rss_before, rss1, held);
+           (unsigned long long)mism, rss_before, rss1, held, np1);
     free(ws);
     return 0;
 }
