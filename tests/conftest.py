@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -57,3 +58,25 @@ async def recv_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
             break
         buf += chunk
     return bytes(buf)
+
+
+class LineReader:
+    """Read newline-terminated lines from a trio receive stream."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+
+    async def readline(self) -> bytes:
+        while b"\n" not in self._buf:
+            chunk = await self._stream.receive_some()
+            if not chunk:
+                raise EOFError(f"EOF before a full line: {bytes(self._buf)!r}")
+            self._buf += chunk
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf[:] = rest
+        return line
+
+    async def read_json(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(await self.readline())
+        return result

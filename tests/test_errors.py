@@ -25,7 +25,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import echo_handler, recv_exactly
+from tests.conftest import LineReader, echo_handler, recv_exactly
 from trio_evlisten import (
     BACKOFF_MAX,
     BACKOFF_MIN,
@@ -644,22 +644,6 @@ def child_script(tmp_path: Path) -> Path:
     path = tmp_path / "emfile_child.py"
     path.write_text(CHILD_SCRIPT)
     return path
-
-
-class LineReader:
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buf = bytearray()
-
-    async def readline(self) -> bytes:
-        while b"\n" not in self._buf:
-            chunk = await self._stream.receive_some()
-            if not chunk:
-                raise EOFError(f"EOF before a full line: {bytes(self._buf)!r}")
-            self._buf += chunk
-        line, _, rest = bytes(self._buf).partition(b"\n")
-        self._buf[:] = rest
-        return line
 
 
 async def drain(stream: trio.abc.ReceiveStream, into: bytearray) -> None:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
+
+from tests.conftest import LineReader
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -26,28 +27,6 @@ def count_fds() -> int:
 def oserror(code: int) -> OSError:
     """An OSError as ``accept()`` would raise it."""
     return OSError(code, os.strerror(code))
-
-
-class LineReader:
-    """Read newline-terminated lines from a trio receive stream."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buf = bytearray()
-
-    async def readline(self) -> bytes:
-        while b"\n" not in self._buf:
-            chunk = await self._stream.receive_some()
-            if not chunk:
-                raise EOFError(f"EOF before a full line: {bytes(self._buf)!r}")
-            self._buf += chunk
-        line, _, rest = bytes(self._buf).partition(b"\n")
-        self._buf[:] = rest
-        return line
-
-    async def read_json(self) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(await self.readline())
-        return result
 
 
 @asynccontextmanager

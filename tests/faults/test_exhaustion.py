@@ -21,8 +21,8 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import echo_handler, recv_exactly
-from tests.faults._support import LineReader, child_process, oserror, stderr_of
+from tests.conftest import LineReader, echo_handler, recv_exactly
+from tests.faults._support import child_process, oserror, stderr_of
 from trio_evlisten import ERROR_LOG_INTERVAL, ConnListener, open_listener
 from trio_evlisten.testing import ScriptedSocket, open_stream_to
 
