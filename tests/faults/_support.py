@@ -17,6 +17,8 @@ from tests.conftest import LineReader
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from trio_evlisten import ConnListener
+
 CLIENTS_SCRIPT = Path(__file__).with_name("_clients.py")
 
 
@@ -80,3 +82,15 @@ async def stderr_of(proc: trio.Process) -> str:
         async for chunk in proc.stderr:
             out += chunk
     return out.decode(errors="replace")
+
+
+class Counter:
+    """An error callback that records when it was called, and with which errno."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.errnos: list[int | None] = []
+
+    def __call__(self, listener: ConnListener, exc: OSError) -> None:
+        self.times.append(trio.current_time())
+        self.errnos.append(exc.errno)

@@ -22,8 +22,8 @@ import trio
 import trio.testing
 
 from tests.conftest import LineReader, echo_handler, recv_exactly
-from tests.faults._support import child_process, oserror, stderr_of
-from trio_evlisten import ERROR_LOG_INTERVAL, ConnListener, open_listener
+from tests.faults._support import Counter, child_process, oserror, stderr_of
+from trio_evlisten import ERROR_LOG_INTERVAL, open_listener
 from trio_evlisten.testing import ScriptedSocket, open_stream_to
 
 RESOURCE_ERRNOS = {
@@ -53,16 +53,6 @@ def test_expected_times_matches_the_design() -> None:
         [0, 0.01, 0.03, 0.07, 0.15, 0.31, 0.63, 1.27, 2.27]
     )
     assert len(times) == 66  # 8 by 1.27 s, then 58 more (2.27 .. 59.27 s)
-
-
-class Counter:
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.errnos: list[int | None] = []
-
-    def __call__(self, listener: ConnListener, exc: OSError) -> None:
-        self.times.append(trio.current_time())
-        self.errnos.append(exc.errno)
 
 
 @pytest.mark.parametrize("name", sorted(RESOURCE_ERRNOS))

@@ -16,21 +16,12 @@ import trio
 import trio.testing
 
 from tests.conftest import echo_handler
+from tests.faults._support import Counter
 from tests.faults.test_exhaustion import expected_times
 from trio_evlisten import ConnListener, Flag, open_listener
 from trio_evlisten.testing import ScriptedSocket, open_stream_to
 
 LOCAL = ("127.0.0.1", 0)
-
-
-class Counter:
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.errnos: list[int | None] = []
-
-    def __call__(self, listener: ConnListener, exc: OSError) -> None:
-        self.times.append(trio.current_time())
-        self.errnos.append(exc.errno)
 
 
 async def closing_handler(
