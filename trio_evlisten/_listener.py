@@ -1,4 +1,11 @@
-"""The listener: one object owns the gate, the accept loop and the handlers.
+"""The public object, :class:`ConnListener`, and its gate.
+
+Owns: what ``ConnListener`` promises (its properties and plain methods), the
+state they change (enabled, closed, the callbacks, the cap), the gate that
+state makes, and the thread rules (``THREADSAFE``'s lock and wake-ups). It
+runs nothing itself: the accept task is :mod:`._accept`'s, the handler tasks
+:mod:`._handlers`' (hosting, counting, draining) and :mod:`._connection`'s
+(one connection's life).
 
 State rules, all kept by :class:`ConnListener` and nowhere else:
 
@@ -28,34 +35,30 @@ State rules, all kept by :class:`ConnListener` and nowhere else:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
-import sys
 import threading
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
 import trio
 
-from ._errors import FD_ERRNOS, Backoff, ErrorClass, ErrorLog, classify
+from ._accept import Acceptor
+from ._errors import ErrorLog
 from ._flags import Flag
+from ._handlers import Handlers
 from ._options import (
     Options,
     check_max_connections,
     check_seconds,
     warn_if_fd_limit_below,
 )
-from ._proxy_gate import REJECTED, ProxyGate
+from ._proxy_gate import ProxyGate
 from ._socket import accept_queue
 from ._stats import DrainResult, ListenerStatistics
 
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
-
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-    from socket import socket as StdSocket
 
     from ._socket import ListeningSocket
 
@@ -63,15 +66,6 @@ if TYPE_CHECKING:
     ErrorCallback = Callable[..., object]
 
 logger: Final = logging.getLogger("trio_evlisten")
-
-#: How many connections one wake-up of the accept task takes at most before
-#: it goes back to the scheduler, so a flood of connects cannot starve the
-#: handlers that serve them.
-ACCEPT_BATCH: Final = 64
-
-#: How long the listener waits to send TLS's close_notify after a handler
-#: returns before it closes the connection anyway.
-TLS_CLOSE_TIMEOUT: Final = 1.0
 
 
 def _check_cb(cb: object, what: str, *, optional: bool = True) -> None:
@@ -106,15 +100,6 @@ class ConnListener:
     _options: Options
 
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
-    # Where handlers are started: our handler nursery, or the caller's.
-    _spawn_into: trio.Nursery | None = attrs.field(default=None, init=False)
-    # Our handler nursery's scope (None with handler_nursery=).
-    _handlers_scope: trio.CancelScope | None = attrs.field(default=None, init=False)
-    # The group our handler nursery raised, for open_listener to splice.
-    _handlers_group: BaseException | None = attrs.field(default=None, init=False)
-    # With handler_nursery=: a cancel scope per handler, so drain() can
-    # cancel ours without touching the caller's other tasks.
-    _scoped: bool = attrs.field(default=False, init=False)
     _enabled: bool = attrs.field(init=False)
     _closed: bool = attrs.field(default=False, init=False)
     _closed_event: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -123,28 +108,14 @@ class ConnListener:
     _token: trio.lowlevel.TrioToken = attrs.field(
         factory=trio.lowlevel.current_trio_token, init=False
     )
-    _waiter: trio.CancelScope | None = attrs.field(default=None, init=False)
-    _backoff: Backoff = attrs.field(factory=Backoff, init=False)
-    _resume_at: float = attrs.field(default=-math.inf, init=False)
     _sockname: Any = attrs.field(init=False)
-
-    _accepted: int = attrs.field(default=0, init=False)
-    _active: int = attrs.field(default=0, init=False)
-    _errors: int = attrs.field(default=0, init=False)
-    _retried: int = attrs.field(default=0, init=False)
     _handler_error_count: int = attrs.field(default=0, init=False)
     _tls_failures: int = attrs.field(default=0, init=False)
     _proxy: ProxyGate | None = attrs.field(default=None, init=False)
     _task_name: str = attrs.field(init=False)
     _max_connections: int | None = attrs.field(init=False)
-    _error_log: ErrorLog = attrs.field(init=False)
-    # Paused by EMFILE/ENFILE: a handler that finishes ends the pause.
-    _fd_wait: bool = attrs.field(default=False, init=False)
-    _draining: trio.Event = attrs.field(factory=trio.Event, init=False)
-    # The cancel scope of each running handler task, for drain() to cancel.
-    _scopes: set[trio.CancelScope] = attrs.field(factory=set, init=False)
-    _cancel_handlers: bool = attrs.field(default=False, init=False)
-    _idle: trio.Event | None = attrs.field(default=None, init=False)
+    _acceptor: Acceptor = attrs.field(init=False)
+    _handlers: Handlers = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._enabled = not self._flags & Flag.DISABLED
@@ -160,7 +131,8 @@ class ConnListener:
             )
         self._task_name = _task_name(self._cb)
         self._max_connections = self._options.max_connections
-        self._error_log = ErrorLog(logger, self._sockname)
+        self._acceptor = Acceptor(self, ErrorLog(logger, self._sockname))
+        self._handlers = Handlers(self)
 
     # ------------------------------------------------------------------
     # Public, non-blocking API
@@ -239,14 +211,15 @@ class ConnListener:
         (one ``getsockopt``), the rest from the listener's counters.
         """
         queue = None if self._closed else accept_queue(self._lsock.std)
+        acceptor = self._acceptor
         with self._lock:
             return ListenerStatistics(
-                accepted=self._accepted,
-                active=self._active,
-                errors=self._errors,
-                retried=self._retried,
-                paused_by_errors=self._resume_at > _now(),
-                backoff=self._backoff.current,
+                accepted=acceptor.accepted,
+                active=self._handlers.active,
+                errors=acceptor.errors,
+                retried=acceptor.retried,
+                paused_by_errors=acceptor.resume_at > _now(),
+                backoff=acceptor.backoff.current,
                 handler_errors=self._handler_error_count,
                 tls_failures=self._tls_failures,
                 proxy_rejected=0 if self._proxy is None else self._proxy.rejected,
@@ -368,7 +341,7 @@ class ConnListener:
         (without ``handler_nursery=``). Handlers poll it between requests or
         wait for it with :meth:`wait_draining`.
         """
-        return self._draining.is_set()
+        return self._handlers.draining
 
     async def wait_draining(self) -> None:
         """Wait until a drain begins (returns at once if one has).
@@ -376,7 +349,7 @@ class ConnListener:
         For a handler that idles (a keep-alive connection, a subscription):
         race it against the next request and finish up when it returns.
         """
-        await self._draining.wait()
+        await self._handlers.wait_draining()
 
     async def drain(self, grace: float | None = None) -> DrainResult:
         """Stop accepting, ask handlers to finish, wait, then cancel the rest.
@@ -411,33 +384,7 @@ class ConnListener:
         check_seconds("grace", grace, optional=True)
         self._check_thread("drain")
         self.close()
-        self._draining.set()
-        with self._lock:
-            running = self._active
-        if grace is None:
-            await self._wait_idle()
-        else:
-            with trio.move_on_after(grace):
-                await self._wait_idle()
-        with self._lock:
-            cancelled = self._active
-        if cancelled:
-            self._cancel_handlers = True
-            if self._handlers_scope is not None:
-                self._handlers_scope.cancel()
-            for scope in self._scopes:
-                scope.cancel()
-            await self._wait_idle()
-        else:
-            await trio.lowlevel.checkpoint()
-        return DrainResult(finished=max(running - cancelled, 0), cancelled=cancelled)
-
-    async def _wait_idle(self) -> None:
-        while self._active:
-            # Shared by concurrent drains: replace it only once it fired.
-            if self._idle is None or self._idle.is_set():
-                self._idle = trio.Event()
-            await self._idle.wait()
+        return await self._handlers.drain(grace)
 
     def close(self) -> None:
         """Stop accepting, for good (``evconnlistener_free``).
@@ -499,37 +446,15 @@ class ConnListener:
 
     def _wake_threadsafe(self) -> None:
         if threading.get_ident() == self._thread:
-            self._wake()
+            self._acceptor.wake()
         else:
-            self._run_on_trio_thread(self._wake)
+            self._run_on_trio_thread(self._acceptor.wake)
 
     # ------------------------------------------------------------------
-    # Private: the accept task (all of this runs on the Trio thread)
-
-    async def _host_handlers(
-        self, *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Own the nursery the handlers run in, until closed and idle.
-
-        A task of its own, so that the nursery's scope covers the handlers
-        and nothing else: drain() can cancel them while the ``async with``
-        body (which may be the one awaiting drain) runs on.
-        """
-        try:
-            async with trio.open_nursery() as handlers:
-                self._handlers_scope = handlers.cancel_scope
-                task_status.started(handlers)
-                await self._closed_event.wait()
-        except BaseExceptionGroup as group:
-            self._handlers_group = group
-            raise
-
-    def _wake(self) -> None:
-        if self._waiter is not None:
-            self._waiter.cancel()
+    # Private: the gate (read by the accept task, under the lock)
 
     def _release(self) -> None:
-        self._wake()
+        self._acceptor.wake()
         self._lsock.release(close=bool(self._flags & Flag.CLOSE_ON_FREE))
         self._closed_event.set()
 
@@ -538,258 +463,11 @@ class ConnListener:
             not self._closed
             and self._enabled
             and self._cb is not None
-            and (self._max_connections is None or self._active < self._max_connections)
-        )
-
-    async def _park(self, deadline: float, *, readable: bool = False) -> bool:
-        """Wait until woken, ``deadline``, or (if asked) the socket is readable.
-
-        Returns whether the socket became readable.
-        """
-        with trio.CancelScope(deadline=deadline) as scope:
-            self._waiter = scope
-            try:
-                if readable:
-                    await trio.lowlevel.wait_readable(self._lsock.std)
-                    return True
-                await trio.sleep_forever()
-            except trio.ClosedResourceError:
-                # The socket was closed under us (by close(), or by someone
-                # closing listener.socket); the loop finds out which.
-                return False
-            finally:
-                self._waiter = None
-        return False
-
-    async def _accept_loop(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        task_status.started()
-        try:
-            while True:
-                with self._lock:
-                    if self._closed:
-                        return
-                    gate_open = self._gate_open()
-                now = trio.current_time()
-                # A grouped error line falls due: log it (no-op otherwise).
-                self._error_log.flush(now)
-                log_due = self._error_log.due
-                if not gate_open:
-                    await self._park(log_due)
-                elif self._resume_at > now:
-                    await self._park(min(self._resume_at, log_due))
-                elif self._lsock.closed_underfoot():
-                    self._on_accept_error(
-                        OSError(
-                            errno.EBADF,
-                            "the listening socket was closed under the listener",
-                        )
-                    )
-                else:
-                    try:
-                        readable = await self._park(log_due, readable=True)
-                    except OSError as exc:
-                        # epoll refused the fd (EBADF: closed behind trio's
-                        # back): an accept error like any other.
-                        self._on_accept_error(exc)
-                    else:
-                        if readable:
-                            self._accept_batch()
-        finally:
-            # However the accept task ends (closed, an error, cancelled), the
-            # listener is closed with it, and errors not yet reported are.
-            self.close()
-            self._error_log.flush(trio.current_time(), final=True)
-
-    def _accept_batch(self) -> None:
-        std = self._lsock.std
-        for _ in range(ACCEPT_BATCH):
-            with self._lock:
-                if not self._gate_open():
-                    return
-                try:
-                    conn, addr = std.accept()
-                except BlockingIOError:
-                    return
-                except OSError as exc:
-                    error: OSError | None = exc
-                else:
-                    error = None
-                    self._accepted += 1
-                    self._active += 1
-                    cb, args = self._cb, self._args
-            if error is not None:
-                if self._on_accept_error(error):
-                    continue
-                return
-            self._backoff.reset()
-            self._resume_at = -math.inf
-            self._fd_wait = False
-            assert cb is not None
-            self._spawn(conn, addr, cb, args)
-
-    def _on_accept_error(self, exc: OSError) -> bool:
-        """Deal with one failed ``accept()``; return whether to go on at once."""
-        kind = classify(exc)
-        if kind is ErrorClass.RETRY:
-            self._retried += 1
-            return True
-        self._errors += 1
-        delay = self._backoff.next_delay()
-        now = trio.current_time()
-        self._resume_at = now + delay
-        # Out of fds: a handler that finishes frees one, and ends the pause.
-        self._fd_wait = exc.errno in FD_ERRNOS
-        error_cb, error_args = self._error_cb, self._error_args
-        if error_cb is not None:
-            error_cb(self, exc, *error_args)
-        elif kind is ErrorClass.RESOURCES:
-            self._error_log.error(exc, delay, now)
-        else:
-            raise exc
-        return False
-
-    def _spawn(
-        self,
-        conn: StdSocket,
-        addr: Any,
-        cb: AcceptCallback,
-        args: tuple[Any, ...],
-    ) -> None:
-        try:
-            # A fixed name: trio would otherwise format one per task, which
-            # costs a string allocation per connection (~280 B held while
-            # the connection lives) and CPU on the accept path.
-            assert self._spawn_into is not None
-            self._spawn_into.start_soon(
-                self._run_handler, conn, addr, cb, args, name=self._task_name
+            and (
+                self._max_connections is None
+                or self._handlers.active < self._max_connections
             )
-        except BaseException:
-            # Typically "Nursery is closed to new arrivals": the handler
-            # nursery the user gave us has finished. The connection must not
-            # leak; the listener cannot go on without a place for handlers.
-            conn.close()
-            self._active -= 1
-            raise
-
-    async def _tls_handshake(
-        self, stream: trio.SocketStream, addr: Any
-    ) -> trio.SSLStream[trio.SocketStream] | None:
-        """Run the server side of the handshake; None if it failed or timed out."""
-        assert self._options.ssl_context is not None
-        tls = trio.SSLStream(stream, self._options.ssl_context, server_side=True)
-        with trio.move_on_after(self._options.tls_handshake_timeout):
-            try:
-                await tls.do_handshake()
-            except trio.BrokenResourceError:
-                # A client that does not speak TLS, or rejects our certificate:
-                # its problem, not the server's; DEBUG keeps busy logs clean.
-                logger.debug("TLS handshake with %r failed", addr, exc_info=True)
-            else:
-                return tls
-        with self._lock:
-            self._tls_failures += 1
-        return None
-
-    async def _run_handler(
-        self,
-        conn: StdSocket | None,
-        addr: Any,
-        cb: AcceptCallback,
-        args: tuple[Any, ...],
-    ) -> None:
-        trio_sock: trio.socket.SocketType | None = None
-        scope: contextlib.AbstractContextManager[object] = _NO_SCOPE
-        if self._scoped:
-            # In a caller's handler_nursery: a cancel scope of our own, so
-            # drain() cancels our handlers and none of the caller's tasks.
-            scope = own = trio.CancelScope()
-            if self._cancel_handlers:
-                own.cancel()
-            self._scopes.add(own)
-        try:
-            with scope:
-                if self._flags & Flag.LEAVE_SOCKETS_BLOCKING:
-                    assert conn is not None
-                    if self._proxy is not None:
-                        # Read while the socket is still non-blocking, in this
-                        # task (never the accept loop's), before anything else.
-                        addr = await self._proxy.read(
-                            trio.socket.from_stdlib_socket(conn), addr
-                        )
-                        if addr is REJECTED:
-                            return
-                    conn.setblocking(True)
-                    # From here on the handler owns the socket.
-                    conn_for_handler, conn = conn, None
-                    await cb(self, conn_for_handler, addr, *args)
-                else:
-                    assert conn is not None
-                    trio_sock = trio.socket.from_stdlib_socket(conn)
-                    if self._proxy is not None:
-                        # Before the TLS handshake: the header comes in clear.
-                        addr = await self._proxy.read(trio_sock, addr)
-                        if addr is REJECTED:
-                            return
-                    stream = trio.SocketStream(trio_sock)
-                    if self._options.ssl_context is None:
-                        await cb(self, stream, addr, *args)
-                    else:
-                        tls = await self._tls_handshake(stream, addr)
-                        if tls is not None:
-                            await cb(self, tls, addr, *args)
-                            # Say goodbye properly (close_notify), so the client
-                            # can tell our close from a truncation attack; but
-                            # never wait long for a peer that does not read.
-                            with trio.move_on_after(TLS_CLOSE_TIMEOUT):
-                                await tls.aclose()
-        except trio.BrokenResourceError:
-            if self._options.handler_errors == "raise" and not self._cancel_handlers:
-                raise
-            logger.debug("handler for %r: the peer went away", addr, exc_info=True)
-        except Exception:
-            if self._cancel_handlers:
-                # Cancelled by drain(), it failed while unwinding: the drain's
-                # doing, not a bug of the handler's.
-                logger.debug("handler for %r raised once drained", addr, exc_info=True)
-            else:
-                self._handler_error_count += 1
-                if self._options.handler_errors == "raise":
-                    raise
-                logger.exception("handler for %r raised", addr)
-        finally:
-            if self._scoped:
-                scopes = self._scopes
-                scopes.discard(scope)
-                if not scopes:
-                    # A set never shrinks by discarding: give back the table
-                    # a burst of connections grew (clear() does, cheaply).
-                    scopes.clear()
-            # The listener owns the trio stream and closes it, through trio so
-            # that any task still waiting on it is told (closing twice is
-            # harmless). A blocking socket is the handler's once handed over,
-            # and closed here only if it never got that far.
-            if trio_sock is not None:
-                trio_sock.close()
-            elif conn is not None:
-                conn.close()
-            with self._lock:
-                self._active -= 1
-                cap = self._max_connections
-                # A slot (and an fd) came free: the gate may open again.
-                wake = (cap is not None and self._active + 1 >= cap) or self._fd_wait
-                if self._fd_wait:
-                    self._fd_wait = False
-                    self._resume_at = -math.inf
-                idle = self._active == 0
-            if wake:
-                self._wake()
-            if idle and self._idle is not None:
-                self._idle.set()
-
-
-_NO_SCOPE: Final = contextlib.nullcontext()
+        )
 
 
 def _task_name(cb: object) -> str:

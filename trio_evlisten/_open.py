@@ -179,11 +179,11 @@ async def open_listener(
             if handler_nursery is None:
                 listener._nursery = nursery
                 # Handlers get a nursery of their own, for drain() to cancel.
-                listener._spawn_into = await nursery.start(listener._host_handlers)
+                await nursery.start(listener._handlers.host)
             else:
-                listener._nursery = listener._spawn_into = handler_nursery
-                listener._scoped = True
-            await nursery.start(listener._accept_loop)
+                listener._nursery = handler_nursery
+                listener._handlers.use_nursery(handler_nursery)
+            await nursery.start(listener._acceptor.run)
             try:
                 yield listener
             except BaseException as exc:
@@ -199,7 +199,7 @@ async def open_listener(
         # Handlers' errors come from the handler nursery's host task, one
         # group deeper: lift them to this level, as if handlers were direct
         # children of this nursery.
-        spliced = _splice(group, listener._handlers_group)
+        spliced = _splice(group, listener._handlers.group)
         # The nursery is ours, not the caller's: an exception from the body
         # alone (KeyboardInterrupt, the caller's own error) comes out as it
         # went in. Errors of the listener itself stay in their group.
