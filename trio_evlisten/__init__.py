@@ -21,6 +21,7 @@ from ._listener import ConnListener as ConnListener
 from ._open import open_listener as open_listener
 from ._open import serve_listener as serve_listener
 from ._options import FD_RESERVE as FD_RESERVE
+from ._options import ListenerOptions as ListenerOptions
 from ._stats import DrainResult as DrainResult
 from ._stats import ListenerStatistics as ListenerStatistics
 from ._version import __version__ as __version__
@@ -42,6 +43,7 @@ __all__ = [
     "ConnListener",
     "DrainResult",
     "Flag",
+    "ListenerOptions",
     "ListenerStatistics",
     "ResourceLimitWarning",
     "__version__",
@@ -57,6 +59,7 @@ for _obj in (
     ConnListener,
     DrainResult,
     Flag,
+    ListenerOptions,
     ListenerStatistics,
     ResourceLimitWarning,
     activation_sockets,

@@ -10,7 +10,7 @@ status, so tests can call it in-process:
 - 1: the listener could not be opened (port in use, unknown host), or an
   accept error stopped it (printed with its errno, as the chapter's
   ``accept_error_cb`` does, then the summary).
-- 2: bad arguments (argparse's usage and one error line).
+- 2: bad arguments (one error line).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ import operator
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import attrs
 import trio
 
 from ._flags import Flag
 from ._open import open_listener
+from ._options import add_arguments, from_arguments
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -82,15 +83,30 @@ exit status: 0 after Ctrl-C or SIGTERM (a statistics summary is printed),
 """
 
 
+#: The listener options ``echo`` takes on its command line (their flags,
+#: checks and help come from :mod:`._options`).
+ECHO_OPTIONS: Final = (
+    "max_connections",
+    "drain_timeout",
+    "proxy_protocol",
+    "proxy_trusted",
+    "proxy_timeout",
+)
+
+
 @attrs.frozen(kw_only=True)
 class EchoOptions:
-    """What ``python -m trio_evlisten echo`` was asked to do."""
+    """What ``python -m trio_evlisten echo`` was asked to do.
+
+    ``listener`` holds the listener options given on the command line
+    (``{"max_connections": 5}``); the others keep their defaults.
+    """
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     flags: Flag = DEFAULT_FLAGS
-    max_connections: int | None = None
     backlog: int = -1
+    listener: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 def parse_flag(text: str) -> Flag:
@@ -128,19 +144,6 @@ def parse_port(text: str) -> int:
     return port
 
 
-def parse_max_connections(text: str) -> int:
-    """A cap on running handlers: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"max-connections must be an integer >= 1, not {text!r}"
-        )
-    return value
-
-
 def parse_backlog(text: str) -> int:
     """A ``listen()`` backlog: negative for the OS maximum, else >= 1."""
     try:
@@ -158,9 +161,21 @@ def parse_backlog(text: str) -> int:
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: what is wrong, and --help.
+
+    argparse prints its usage (often several lines) before the error; for a
+    server started by scripts and units, the one line that says what is
+    wrong is what belongs in the log.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m trio_evlisten`` parser, with its ``echo`` command."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG,
         description="trio_evlisten: libevent's evconnlistener in Trio. "
         "Run a server from the command line.",
@@ -200,19 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="listener flags, listed below (default: CLOSE_ON_FREE REUSEABLE)",
     )
     echo_parser.add_argument(
-        "--max-connections",
-        type=parse_max_connections,
-        default=None,
-        metavar="N",
-        help="at N connections, stop accepting until one closes (default: no cap)",
-    )
-    echo_parser.add_argument(
         "--backlog",
         type=parse_backlog,
         default=-1,
         metavar="N",
         help="listen() backlog; -1 is the OS maximum (default: -1)",
     )
+    add_arguments(echo_parser, ECHO_OPTIONS)
     return parser
 
 
@@ -228,8 +237,8 @@ def parse_args(argv: Sequence[str] | None = None) -> EchoOptions:
         host=ns.host,
         port=ns.port,
         flags=functools.reduce(operator.or_, ns.flags, Flag(0)),
-        max_connections=ns.max_connections,
         backlog=ns.backlog,
+        listener=from_arguments(ns),
     )
 
 
@@ -323,8 +332,8 @@ async def serve_echo(options: EchoOptions, *, sock: SockArg | None = None) -> in
                         sock=sock,
                         flags=options.flags,
                         backlog=options.backlog,
-                        max_connections=options.max_connections,
                         error_cb=server.accept_error,
+                        **options.listener,
                     )
                 )
             except OSError as exc:
@@ -343,6 +352,10 @@ async def serve_echo(options: EchoOptions, *, sock: SockArg | None = None) -> in
                 flush=True,
             )
             async for signum in signals:
+                if "drain_timeout" in options.listener:
+                    # --drain-timeout: serve the queued connections and give
+                    # the running ones that long before they are cut.
+                    await listener.drain(options.listener["drain_timeout"])
                 server.stop(listener, signal.Signals(signum).name)
                 break
     if sock is None and not options.flags & Flag.CLOSE_ON_FREE:

@@ -75,7 +75,7 @@ async def serve_connection(
                 if addr is REJECTED:
                     return
             stream = trio.SocketStream(trio_sock)
-            if options.ssl_context is None:
+            if options["ssl_context"] is None:
                 await cb(listener, stream, addr, *args)
             else:
                 tls = await _tls_handshake(listener, stream, addr)
@@ -87,7 +87,7 @@ async def serve_connection(
                     with trio.move_on_after(TLS_CLOSE_TIMEOUT):
                         await tls.aclose()
     except trio.BrokenResourceError:
-        if options.handler_errors == "raise" and not listener._handlers.cancelling:
+        if options["handler_errors"] == "raise" and not listener._handlers.cancelling:
             raise
         logger.debug("handler for %r: the peer went away", addr, exc_info=True)
     except Exception:
@@ -97,7 +97,7 @@ async def serve_connection(
             logger.debug("handler for %r raised once drained", addr, exc_info=True)
         else:
             listener._handler_error_count += 1
-            if options.handler_errors == "raise":
+            if options["handler_errors"] == "raise":
                 raise
             logger.exception("handler for %r raised", addr)
     finally:
@@ -116,9 +116,9 @@ async def _tls_handshake(
 ) -> trio.SSLStream[trio.SocketStream] | None:
     """Run the server side of the handshake; None if it failed or timed out."""
     options = listener._options
-    assert options.ssl_context is not None
-    tls = trio.SSLStream(stream, options.ssl_context, server_side=True)
-    with trio.move_on_after(options.tls_handshake_timeout):
+    assert options["ssl_context"] is not None
+    tls = trio.SSLStream(stream, options["ssl_context"], server_side=True)
+    with trio.move_on_after(options["tls_handshake_timeout"]):
         try:
             await tls.do_handshake()
         except trio.BrokenResourceError:

@@ -48,12 +48,12 @@ from ._errors import ErrorLog
 from ._flags import Flag
 from ._handlers import Handlers
 from ._options import (
-    Options,
+    ListenerOptions,
     check_max_connections,
     check_seconds,
     warn_if_fd_limit_below,
 )
-from ._proxy_gate import ProxyGate
+from ._proxy_gate import ProxyGate, trusted_networks
 from ._socket import accept_queue
 from ._stats import DrainResult, ListenerStatistics
 
@@ -97,7 +97,7 @@ class ConnListener:
     _args: tuple[Any, ...]
     _error_cb: ErrorCallback | None
     _error_args: tuple[Any, ...]
-    _options: Options
+    _options: ListenerOptions
 
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _enabled: bool = attrs.field(init=False)
@@ -125,12 +125,15 @@ class ConnListener:
             else contextlib.nullcontext()
         )
         self._sockname = self._lsock.std.getsockname()
-        if self._options.proxy_protocol:
+        options = self._options
+        if options["proxy_protocol"]:
             self._proxy = ProxyGate(
-                self._options.proxy_trusted, self._options.proxy_timeout, self._sockname
+                trusted_networks(options["proxy_trusted"]),
+                options["proxy_timeout"],
+                self._sockname,
             )
         self._task_name = _task_name(self._cb)
-        self._max_connections = self._options.max_connections
+        self._max_connections = options["max_connections"]
         self._acceptor = Acceptor(self, ErrorLog(logger, self._sockname))
         self._handlers = Handlers(self)
 

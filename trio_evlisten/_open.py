@@ -7,7 +7,6 @@ nursery and decide what leaving the block means.
 
 from __future__ import annotations
 
-import ssl
 import sys
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -16,23 +15,18 @@ import trio
 
 from ._flags import Flag, check_flags
 from ._listener import ConnListener, _check_cb
-from ._options import (
-    TLS_HANDSHAKE_TIMEOUT,
-    HandlerErrors,
-    Options,
-    warn_if_fd_limit_below,
-)
-from ._proxy_gate import PROXY_TIMEOUT
+from ._options import ListenerOptions, resolve, warn_if_fd_limit_below
 from ._socket import make_listening_socket
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterable
+    from collections.abc import AsyncIterator
+
+    from typing_extensions import Unpack
 
     from ._listener import AcceptCallback, ErrorCallback
-    from ._proxy_gate import Network
     from ._socket import Address, SockArg
 
 
@@ -45,15 +39,7 @@ async def open_listener(
     flags: Flag | int = 0,
     backlog: int = -1,
     error_cb: ErrorCallback | None = None,
-    max_connections: int | None = None,
-    drain_timeout: float | None = None,
-    handler_nursery: trio.Nursery | None = None,
-    handler_errors: HandlerErrors = "log",
-    ssl_context: ssl.SSLContext | None = None,
-    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
-    proxy_protocol: bool = False,
-    proxy_trusted: Iterable[str | Network] | None = None,
-    proxy_timeout: float = PROXY_TIMEOUT,
+    **options: Unpack[ListenerOptions],
 ) -> AsyncIterator[ConnListener]:
     """Listen for connections while the ``async with`` block runs.
 
@@ -77,39 +63,9 @@ async def open_listener(
             ``sock`` is already listening; ``> 0`` is passed to ``listen()``.
         error_cb: set as if by :meth:`~ConnListener.set_error_cb` before the
             first ``accept()``.
-        max_connections: at this many running handlers, stop accepting until
-            one finishes (connections wait in the kernel's backlog); change
-            it later with :meth:`~ConnListener.set_max_connections`. A
-            :class:`ResourceLimitWarning` says when ``RLIMIT_NOFILE`` is
-            below it plus a reserve of 64.
-        drain_timeout: on leaving the block, drain as
-            :meth:`~ConnListener.drain` does: set ``listener.draining``, wait
-            this many seconds for running handlers, then cancel them
-            (``None``: wait for all).
-        handler_nursery: run handlers in this nursery instead of the
-            listener's own; they then outlive the block.
-        handler_errors: ``"log"`` (default) logs an exception escaping a
-            handler and goes on; ``"raise"`` lets it propagate, which ends
-            the listener and everything in its nursery.
-        ssl_context: serve TLS: each handler gets a :class:`trio.SSLStream`
-            whose handshake has already completed, run in the handler's own
-            task. A failed or slow handshake drops the connection (logged at
-            DEBUG, counted in ``statistics().tls_failures``); the handler is
-            not called.
-        tls_handshake_timeout: seconds the handshake may take.
-        proxy_protocol: every connection starts with a PROXY protocol v1 or
-            v2 header (HAProxy's, as HAProxy and nginx send it), read in the
-            handler's task before any TLS handshake; ``addr`` is then the
-            original client's (the real peer's for ``LOCAL``/``UNKNOWN``).
-            Exactly the header's bytes are consumed. A peer outside
-            ``proxy_trusted``, or a bad, truncated or slow header, drops the
-            connection without calling the handler (counted in
-            ``statistics().proxy_rejected``; at most one WARNING per 10 s).
-        proxy_trusted: the networks (``"10.0.0.0/8"``, ``"::1"``,
-            :mod:`ipaddress` networks) that may send a header; ``None``
-            means loopback only (``127.0.0.0/8``, ``::1``). Unix-socket
-            peers are always trusted.
-        proxy_timeout: seconds the header may take to arrive.
+        **options: the options beyond libevent's, each described in
+            :class:`ListenerOptions` (``max_connections=``,
+            ``drain_timeout=``, ``ssl_context=``, ``proxy_protocol=``, ...).
 
     Yields:
         The running :class:`ConnListener`.
@@ -151,25 +107,16 @@ async def open_listener(
     flags = check_flags(flags)
     _check_cb(cb, "cb")
     _check_cb(error_cb, "error_cb")
-    options = Options(
-        max_connections=max_connections,
-        drain_timeout=drain_timeout,
-        handler_nursery=handler_nursery,
-        handler_errors=handler_errors,
-        ssl_context=ssl_context,
-        tls_handshake_timeout=tls_handshake_timeout,
-        proxy_protocol=proxy_protocol,
-        proxy_trusted=proxy_trusted,
-        proxy_timeout=proxy_timeout,
-    )
-    options.check(flags)
+    resolved = resolve(options, flags)
+    handler_nursery = resolved["handler_nursery"]
+    drain_timeout = resolved["drain_timeout"]
     # Points at the caller's ``async with`` (through __aenter__).
-    warn_if_fd_limit_below(max_connections, stacklevel=3)
+    warn_if_fd_limit_below(resolved["max_connections"], stacklevel=3)
     lsock = await make_listening_socket(
         address=address, sock=sock, flags=flags, backlog=backlog
     )
     try:
-        listener = ConnListener(lsock, flags, cb, args, error_cb, (), options)
+        listener = ConnListener(lsock, flags, cb, args, error_cb, (), resolved)
     except BaseException:
         lsock.release(close=bool(flags & Flag.CLOSE_ON_FREE))
         raise
@@ -258,16 +205,8 @@ async def serve_listener(
     flags: Flag | int = 0,
     backlog: int = -1,
     error_cb: ErrorCallback | None = None,
-    max_connections: int | None = None,
-    drain_timeout: float | None = None,
-    handler_nursery: trio.Nursery | None = None,
-    handler_errors: HandlerErrors = "log",
-    ssl_context: ssl.SSLContext | None = None,
-    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
-    proxy_protocol: bool = False,
-    proxy_trusted: Iterable[str | Network] | None = None,
-    proxy_timeout: float = PROXY_TIMEOUT,
     task_status: trio.TaskStatus[ConnListener] = trio.TASK_STATUS_IGNORED,
+    **options: Unpack[ListenerOptions],
 ) -> None:
     """Run a listener as a task: for ``await nursery.start(...)``.
 
@@ -294,15 +233,7 @@ async def serve_listener(
         flags=flags,
         backlog=backlog,
         error_cb=error_cb,
-        max_connections=max_connections,
-        drain_timeout=drain_timeout,
-        handler_nursery=handler_nursery,
-        handler_errors=handler_errors,
-        ssl_context=ssl_context,
-        tls_handshake_timeout=tls_handshake_timeout,
-        proxy_protocol=proxy_protocol,
-        proxy_trusted=proxy_trusted,
-        proxy_timeout=proxy_timeout,
+        **options,
     ) as listener:
         task_status.started(listener)
         await listener._closed_event.wait()

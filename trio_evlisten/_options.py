@@ -1,11 +1,28 @@
-"""The listener's options beyond libevent's, checked once, kept frozen."""
+"""The listener's options beyond libevent's: each one defined once, here.
+
+An option is one key of :class:`ListenerOptions`, annotated with its
+:class:`Option`: the default, the check (which names the bad value), the
+text the reference shows, and, where it makes sense, its command-line
+spelling. Everything else derives from that one line: the ``**options`` of
+:func:`open_listener` and :func:`serve_listener` (typed by the TypedDict),
+:func:`resolve` (defaults and checks), the reference's table (the
+TypedDict's docstring is written from the annotations), and the flags of
+``python -m trio_evlisten echo`` and ``python -m trio_evlisten.workers``
+(:func:`add_arguments`, :func:`from_arguments`, :func:`to_argv`).
+
+Adding an option is: one annotated key below, plus the code that uses it.
+"""
 
 from __future__ import annotations
 
+import argparse
 import math
 import ssl
+import sys
+import typing
 import warnings
-from typing import Final, Literal
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any, Final, Literal, TypedDict
 
 import attrs
 import trio
@@ -15,12 +32,10 @@ from ._flags import Flag
 from ._proxy_gate import PROXY_TIMEOUT, Network, trusted_networks
 
 HandlerErrors = Literal["log", "raise"]
-_HANDLER_ERRORS: Final = ("log", "raise")
 
 #: How long a TLS handshake may take, by default, before the connection is
 #: dropped (it runs in the handler's task, so it never blocks accepting).
 TLS_HANDSHAKE_TIMEOUT: Final = 10.0
-
 
 #: File descriptors a process needs besides one per connection (the listening
 #: socket, logs, stdio, libraries, the odd file): ``max_connections`` plus
@@ -28,15 +43,277 @@ TLS_HANDSHAKE_TIMEOUT: Final = 10.0
 FD_RESERVE: Final = 64
 
 
-def check_max_connections(value: object) -> int | None:
-    """Return ``value`` if it is a valid ``max_connections``, else raise."""
+# ----------------------------------------------------------------------
+# Checks: each takes the option's name and the value given, and returns the
+# value to use or raises TypeError/ValueError naming both.
+
+
+def check_max_connections(value: object, name: str = "max_connections") -> int | None:
+    """Return ``value`` if it is ``None`` or an int >= 1, else raise."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"max_connections must be None or an int, not {value!r}")
+        raise TypeError(f"{name} must be None or an int, not {value!r}")
     if value < 1:
-        raise ValueError(f"max_connections must be None or >= 1, not {value!r}")
+        raise ValueError(f"{name} must be None or >= 1, not {value!r}")
     return value
+
+
+def check_seconds(name: str, value: object, *, optional: bool) -> float | None:
+    """Return ``value`` if it is seconds >= 0 (or, if ``optional``, ``None``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be {'None or ' if optional else ''}seconds, not {value!r}"
+        )
+    if math.isnan(value) or value < 0:
+        raise ValueError(
+            f"{name} must be {'None or ' if optional else ''}>= 0 seconds, "
+            f"not {value!r}"
+        )
+    return value
+
+
+def _seconds(value: object, name: str) -> float:
+    checked = check_seconds(name, value, optional=False)
+    assert checked is not None
+    return checked
+
+
+def _seconds_or_none(value: object, name: str) -> float | None:
+    return check_seconds(name, value, optional=True)
+
+
+def _bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def _nursery_or_none(value: object, name: str) -> trio.Nursery | None:
+    if value is not None and not isinstance(value, trio.Nursery):
+        raise TypeError(f"{name} must be a trio.Nursery or None, not {value!r}")
+    return value
+
+
+def _handler_errors(value: object, name: str) -> HandlerErrors:
+    if value == "log" or value == "raise":
+        return value
+    raise ValueError(f"{name} must be 'log' or 'raise', not {value!r}")
+
+
+def _ssl_context_or_none(value: object, name: str) -> ssl.SSLContext | None:
+    if value is not None and not isinstance(value, ssl.SSLContext):
+        raise TypeError(f"{name} must be an ssl.SSLContext, not {value!r}")
+    return value
+
+
+def _networks(value: object, name: str) -> tuple[Network, ...]:
+    return trusted_networks(value)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------
+# Command-line spellings
+
+
+def _float_or_none(text: str) -> float | None:
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+def _int_or_none(text: str) -> int | None:
+    return None if text.lower() in ("none", "off") else int(text)
+
+
+@attrs.frozen
+class Cli:
+    """How an option is spelled on the command line (``--max-connections N``).
+
+    ``parse`` turns the text into the value the option's check then takes;
+    ``metavar=None`` makes a flag without a value (``store_true``);
+    ``repeat`` collects every use into a list.
+    """
+
+    metavar: str | None
+    parse: Callable[[str], object] = str
+    repeat: bool = False
+
+
+@attrs.frozen
+class Option:
+    """One option: its default, its check, its reference text and CLI spelling."""
+
+    default: object
+    check: Callable[[Any, str], object]
+    doc: str
+    cli: Cli | None = None
+
+
+class ListenerOptions(TypedDict, total=False):
+    """The keyword options of :func:`open_listener` and :func:`serve_listener`."""
+
+    max_connections: Annotated[
+        int | None,
+        Option(
+            None,
+            check_max_connections,
+            "at this many running handlers, stop accepting until one finishes "
+            "(connections wait in the kernel's backlog); change it later with "
+            ":meth:`~ConnListener.set_max_connections`. A "
+            ":class:`ResourceLimitWarning` says when ``RLIMIT_NOFILE`` is "
+            "below it plus a reserve of 64.",
+            Cli("N", _int_or_none),
+        ),
+    ]
+    drain_timeout: Annotated[
+        float | None,
+        Option(
+            None,
+            _seconds_or_none,
+            "on leaving the block, drain as :meth:`~ConnListener.drain` does: "
+            "set ``listener.draining``, wait this many seconds for running "
+            "handlers, then cancel them (``None``: wait for all).",
+            Cli("SECONDS", _float_or_none),
+        ),
+    ]
+    handler_nursery: Annotated[
+        trio.Nursery | None,
+        Option(
+            None,
+            _nursery_or_none,
+            "run handlers in this nursery instead of the listener's own; they "
+            "then outlive the block (and ``drain_timeout`` cannot apply).",
+        ),
+    ]
+    handler_errors: Annotated[
+        HandlerErrors,
+        Option(
+            "log",
+            _handler_errors,
+            '``"log"`` logs an exception escaping a handler and goes on; '
+            '``"raise"`` lets it propagate, which ends the listener and '
+            "everything in its nursery.",
+        ),
+    ]
+    ssl_context: Annotated[
+        ssl.SSLContext | None,
+        Option(
+            None,
+            _ssl_context_or_none,
+            "serve TLS: each handler gets a :class:`trio.SSLStream` whose "
+            "handshake has already completed, run in the handler's own task. A "
+            "failed or slow handshake drops the connection (logged at DEBUG, "
+            "counted in ``statistics().tls_failures``); the handler is not "
+            "called.",
+        ),
+    ]
+    tls_handshake_timeout: Annotated[
+        float,
+        Option(
+            TLS_HANDSHAKE_TIMEOUT,
+            _seconds,
+            "seconds the TLS handshake may take.",
+        ),
+    ]
+    proxy_protocol: Annotated[
+        bool,
+        Option(
+            False,
+            _bool,
+            "every connection starts with a PROXY protocol v1 or v2 header "
+            "(HAProxy's, as HAProxy and nginx send it), read in the handler's "
+            "task before any TLS handshake; ``addr`` is then the original "
+            "client's (the real peer's for ``LOCAL``/``UNKNOWN``). Exactly the "
+            "header's bytes are consumed. A peer outside ``proxy_trusted``, or "
+            "a bad, truncated or slow header, drops the connection without "
+            "calling the handler (counted in ``statistics().proxy_rejected``; "
+            "at most one WARNING per 10 s).",
+            Cli(None),
+        ),
+    ]
+    proxy_trusted: Annotated[
+        Iterable[str | Network] | None,
+        Option(
+            None,
+            _networks,
+            'the networks (``"10.0.0.0/8"``, ``"::1"``, :mod:`ipaddress` '
+            "networks) that may send a header; ``None`` means loopback only "
+            "(``127.0.0.0/8``, ``::1``). Unix-socket peers are always trusted.",
+            Cli("NETWORK", repeat=True),
+        ),
+    ]
+    proxy_timeout: Annotated[
+        float,
+        Option(
+            PROXY_TIMEOUT,
+            _seconds,
+            "seconds the PROXY header may take to arrive.",
+            Cli("SECONDS", float),
+        ),
+    ]
+
+
+#: Each option's :class:`Option`, by name, in definition order.
+OPTIONS: Final[Mapping[str, Option]] = {
+    name: next(m for m in hint.__metadata__ if isinstance(m, Option))
+    for name, hint in typing.get_type_hints(
+        ListenerOptions, vars(sys.modules[__name__]), include_extras=True
+    ).items()
+}
+
+
+def _document() -> str:
+    """The reference text of :class:`ListenerOptions`, from the annotations."""
+    lines = [
+        "The keyword options of :func:`open_listener` and :func:`serve_listener`.",
+        "",
+        "Beyond libevent's arguments; every one is optional. A typed",
+        "``TypedDict``, so a type checker checks ``**options`` too.",
+        "",
+        "Attributes:",
+    ]
+    for name, option in OPTIONS.items():
+        lines.append(f"    {name}: (default ``{option.default!r}``) {option.doc}")
+    return "\n".join(lines)
+
+
+ListenerOptions.__doc__ = _document()
+
+
+def resolve(
+    given: Mapping[str, object], flags: Flag, *, caller: str = "open_listener"
+) -> ListenerOptions:
+    """Every option, checked, with the defaults filled in.
+
+    Raises:
+        TypeError: an unknown option name, or a value of the wrong type.
+        ValueError: a bad value, or options that exclude each other (each
+            message names them).
+    """
+    unknown = given.keys() - OPTIONS.keys()
+    if unknown:
+        raise TypeError(
+            f"{caller}() got unknown option(s) {', '.join(sorted(unknown))}; "
+            f"the options are {', '.join(OPTIONS)}"
+        )
+    values = {
+        name: option.check(given[name], name) if name in given else option.default
+        for name, option in OPTIONS.items()
+    }
+    resolved: ListenerOptions = values  # type: ignore[assignment]
+    nursery, drain_timeout = resolved["handler_nursery"], resolved["drain_timeout"]
+    if nursery is not None and drain_timeout is not None:
+        raise ValueError(
+            "drain_timeout has no effect with handler_nursery=: the "
+            "handlers belong to that nursery and outlive the listener; "
+            "cancel it yourself, or leave out handler_nursery="
+        )
+    if resolved["ssl_context"] is not None and flags & Flag.LEAVE_SOCKETS_BLOCKING:
+        raise ValueError(
+            "ssl_context= hands handlers a trio.SSLStream, which "
+            "Flag.LEAVE_SOCKETS_BLOCKING (plain blocking sockets) excludes"
+        )
+    return resolved
 
 
 def warn_if_fd_limit_below(max_connections: int | None, *, stacklevel: int) -> None:
@@ -62,76 +339,85 @@ def warn_if_fd_limit_below(max_connections: int | None, *, stacklevel: int) -> N
     )
 
 
-def check_seconds(name: str, value: object, *, optional: bool) -> None:
-    """Raise TypeError/ValueError unless ``value`` is seconds (or ``None``)."""
-    _seconds(name, value, optional=optional)
+# ----------------------------------------------------------------------
+# The command lines derive their option flags from the same definitions.
 
 
-def _seconds(name: str, value: object, *, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"{name} must be {'None or ' if optional else ''}seconds, not {value!r}"
-        )
-    if math.isnan(value) or value < 0:
-        raise ValueError(
-            f"{name} must be {'None or ' if optional else ''}>= 0 seconds, "
-            f"not {value!r}"
-        )
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-@attrs.frozen(kw_only=True)
-class Options:
-    """What ``open_listener`` takes besides the socket, flags and callbacks."""
+def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """Add ``--max-connections N`` and the like for the options ``names``.
 
-    max_connections: int | None = None
-    drain_timeout: float | None = None
-    handler_nursery: trio.Nursery | None = None
-    handler_errors: HandlerErrors = "log"
-    ssl_context: ssl.SSLContext | None = None
-    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
-    proxy_protocol: bool = False
-    # Converted at once (it may be a one-shot iterable); the converter raises
-    # TypeError/ValueError naming a bad item.
-    proxy_trusted: tuple[Network, ...] = attrs.field(
-        default=None, converter=trusted_networks
-    )
-    proxy_timeout: float = PROXY_TIMEOUT
-
-    def check(self, flags: Flag) -> None:
-        """Raise TypeError/ValueError, naming the value, for a bad option."""
-        check_max_connections(self.max_connections)
-        _seconds("drain_timeout", self.drain_timeout, optional=True)
-        if self.handler_nursery is not None:
-            if not isinstance(self.handler_nursery, trio.Nursery):
-                raise TypeError(
-                    "handler_nursery must be a trio.Nursery or None, "
-                    f"not {self.handler_nursery!r}"
-                )
-            if self.drain_timeout is not None:
-                raise ValueError(
-                    "drain_timeout has no effect with handler_nursery=: the "
-                    "handlers belong to that nursery and outlive the listener; "
-                    "cancel it yourself, or leave out handler_nursery="
-                )
-        if self.handler_errors not in _HANDLER_ERRORS:
-            raise ValueError(
-                f"handler_errors must be 'log' or 'raise', not {self.handler_errors!r}"
+    An option left off the command line is left out of the namespace, so its
+    default stays the one defined here.
+    """
+    for name in names:
+        option = OPTIONS[name]
+        cli = option.cli
+        assert cli is not None, f"{name} has no command-line spelling"
+        help_text = f"{_plain(option.doc)} (default: {option.default!r})"
+        if cli.metavar is None:
+            parser.add_argument(
+                _flag(name),
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
-        if self.ssl_context is not None:
-            if not isinstance(self.ssl_context, ssl.SSLContext):
-                raise TypeError(
-                    f"ssl_context must be an ssl.SSLContext, not {self.ssl_context!r}"
-                )
-            if flags & Flag.LEAVE_SOCKETS_BLOCKING:
-                raise ValueError(
-                    "ssl_context= hands handlers a trio.SSLStream, which "
-                    "Flag.LEAVE_SOCKETS_BLOCKING (plain blocking sockets) excludes"
-                )
-        _seconds("tls_handshake_timeout", self.tls_handshake_timeout, optional=False)
-        if not isinstance(self.proxy_protocol, bool):
-            raise TypeError(
-                f"proxy_protocol must be True or False, not {self.proxy_protocol!r}"
-            )
-        _seconds("proxy_timeout", self.proxy_timeout, optional=False)
+            continue
+        parser.add_argument(
+            _flag(name),
+            type=_argument_type(name, option),
+            action="append" if cli.repeat else "store",
+            metavar=cli.metavar,
+            default=argparse.SUPPRESS,
+            help=help_text,
+        )
+
+
+def _argument_type(name: str, option: Option) -> Callable[[str], object]:
+    cli = option.cli
+    assert cli is not None
+
+    def convert(text: str) -> object:
+        try:
+            value = cli.parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {cli.metavar}, not {text!r}"
+            ) from None
+        try:
+            option.check([value] if cli.repeat else value, name)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    return convert
+
+
+def from_arguments(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line, for ``open_listener(**...)``."""
+    return {name: vars(namespace)[name] for name in OPTIONS if name in vars(namespace)}
+
+
+def to_argv(given: Mapping[str, Any]) -> list[str]:
+    """Command-line arguments that :func:`from_arguments` turns back into ``given``."""
+    argv: list[str] = []
+    for name, value in given.items():
+        cli = OPTIONS[name].cli
+        assert cli is not None, f"{name} has no command-line spelling"
+        if cli.metavar is None:
+            argv += [_flag(name)] if value else []
+        elif cli.repeat:
+            argv += [f"{_flag(name)}={item}" for item in value]
+        else:
+            argv.append(f"{_flag(name)}={'none' if value is None else value}")
+    return argv
+
+
+def _plain(doc: str) -> str:
+    """Reference text without reST markup, for ``--help``."""
+    for markup in (":meth:", ":class:", ":func:", ":mod:", "``", "~"):
+        doc = doc.replace(markup, "")
+    return doc.replace("`", "")

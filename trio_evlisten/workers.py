@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -54,18 +55,33 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
+from ._cli import OneLineParser
 from ._flags import Flag
 from ._open import open_listener
-from ._proxy_gate import trusted_networks
+from ._options import add_arguments, from_arguments, to_argv
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
+    from typing_extensions import Unpack
+
     from ._listener import AcceptCallback, ConnListener
+    from ._options import ListenerOptions
 
 logger: Final = logging.getLogger("trio_evlisten.workers")
 
 DEFAULT_HANDLER: Final = "trio_evlisten.workers:echo"
+#: The listener options a worker takes on its command line (their flags,
+#: checks and help come from :mod:`._options`).
+WORKER_OPTIONS: Final = (
+    "max_connections",
+    "drain_timeout",
+    "proxy_protocol",
+    "proxy_trusted",
+    "proxy_timeout",
+)
+#: A worker's ``drain_timeout`` unless ``--drain-timeout`` says otherwise.
+DEFAULT_DRAIN_TIMEOUT: Final = 5.0
 #: How often a worker checks that its supervisor is still there.
 PARENT_CHECK_INTERVAL: Final = 1.0
 
@@ -107,15 +123,14 @@ async def run_worker(
     host: str,
     port: int,
     *,
-    drain_timeout: float,
     supervisor_pid: int | None,
-    proxy_protocol: bool = False,
-    proxy_trusted: list[str] | None = None,
+    **options: Unpack[ListenerOptions],
 ) -> None:
     """Serve ``handler`` on ``(host, port)`` with ``REUSEABLE_PORT`` until told to stop.
 
-    Returns on SIGTERM/SIGINT (after draining handlers for ``drain_timeout``
-    seconds), or when the parent is no longer ``supervisor_pid``.
+    Returns on SIGTERM/SIGINT (after draining as ``options`` say:
+    ``drain_timeout=`` bounds it), or when the parent is no longer
+    ``supervisor_pid``.
 
     Resource handling:
         The listening socket is closed (``CLOSE_ON_FREE``) on return.
@@ -124,12 +139,7 @@ async def run_worker(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with (
             open_listener(
-                handler,
-                address=(host, port),
-                flags=flags,
-                drain_timeout=drain_timeout,
-                proxy_protocol=proxy_protocol,
-                proxy_trusted=proxy_trusted,
+                handler, address=(host, port), flags=flags, **options
             ) as listener,
             trio.open_nursery() as nursery,
         ):
@@ -323,7 +333,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m trio_evlisten.workers",
         description="Serve an accept callback in N processes sharing a port "
         "(SO_REUSEPORT), restarting workers that die.",
@@ -347,18 +357,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shutdown-timeout", type=float, default=10.0, help="default: 10 s"
     )
-    parser.add_argument("--drain-timeout", type=float, default=5.0, help="default: 5 s")
-    parser.add_argument(
-        "--proxy-protocol",
-        action="store_true",
-        help="connections start with a PROXY v1/v2 header (behind HAProxy, nginx)",
-    )
-    parser.add_argument(
-        "--proxy-trusted",
-        action="append",
-        metavar="NETWORK",
-        help="who may send a PROXY header (repeat; default: loopback)",
-    )
+    add_arguments(parser, WORKER_OPTIONS)
+    # A worker that does not finish its handlers soon is SIGKILLed by the
+    # supervisor (--shutdown-timeout) anyway: drain for less than that.
+    parser.set_defaults(drain_timeout=DEFAULT_DRAIN_TIMEOUT)
     # Internal: how the supervisor starts a worker (the supervisor's pid).
     parser.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
     return parser
@@ -379,23 +381,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = load_handler(opts.handler)
     except (ImportError, ValueError) as exc:
         parser.error(f"cannot load the handler {opts.handler!r}: {exc}")
-    if opts.proxy_trusted is not None:
-        if not opts.proxy_protocol:
-            parser.error("--proxy-trusted needs --proxy-protocol")
-        try:
-            trusted_networks(opts.proxy_trusted)
-        except ValueError as exc:
-            parser.error(str(exc))
+    options = from_arguments(opts)
+    if "proxy_trusted" in options and not options.get("proxy_protocol"):
+        parser.error("--proxy-trusted needs --proxy-protocol")
     if opts.worker_of is not None:
         trio.run(
-            lambda: run_worker(
+            functools.partial(
+                run_worker,
                 handler,
                 opts.host,
                 opts.port,
-                drain_timeout=opts.drain_timeout,
                 supervisor_pid=opts.worker_of,
-                proxy_protocol=opts.proxy_protocol,
-                proxy_trusted=opts.proxy_trusted,
+                **options,
             )
         )
         return 0
@@ -415,10 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             opts.host,
             "--port",
             str(port),
-            "--drain-timeout",
-            str(opts.drain_timeout),
-            *(["--proxy-protocol"] if opts.proxy_protocol else []),
-            *(f"--proxy-trusted={net}" for net in opts.proxy_trusted or ()),
+            *to_argv(options),
             opts.handler,
         ]
         logger.info(
