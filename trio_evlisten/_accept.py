@@ -6,7 +6,7 @@ raise, the backoff pause, the grouped error log, and the counters of what it
 accepted and what failed.
 
 May not touch: the listener's state (it only *reads* the gate,
-:meth:`ConnListener._gate_open`, under the listener's lock) and what happens
+:meth:`._gate.Gate.is_open`, under the gate's lock) and what happens
 to a connection once accepted (:meth:`._handlers.Handlers.start` takes it).
 """
 
@@ -67,14 +67,14 @@ class Acceptor:
     ) -> None:
         """The task: loop until the listener closes (closing it on the way out)."""
         listener = self._listener
-        lsock = listener._lsock
+        lsock, gate, handlers = listener._lsock, listener._gate, listener._handlers
         task_status.started()
         try:
             while True:
-                with listener._lock:
-                    if listener._closed:
+                with gate.lock:
+                    if gate.closed:
                         return
-                    gate_open = listener._gate_open()
+                    gate_open = gate.is_open(handlers.active)
                 now = trio.current_time()
                 # A grouped error line falls due: log it (no-op otherwise).
                 self._error_log.flush(now)
@@ -129,10 +129,10 @@ class Acceptor:
     def _accept_batch(self) -> None:
         listener = self._listener
         std = listener._lsock.std
-        handlers = listener._handlers
+        gate, handlers = listener._gate, listener._handlers
         for _ in range(ACCEPT_BATCH):
-            with listener._lock:
-                if not listener._gate_open():
+            with gate.lock:
+                if not gate.is_open(handlers.active):
                     return
                 try:
                     conn, addr = std.accept()
@@ -144,7 +144,7 @@ class Acceptor:
                     error = None
                     self.accepted += 1
                     handlers.active += 1
-                    cb, args = listener._cb, listener._args
+                    cb, args = gate.cb, gate.args
             if error is not None:
                 if self._on_error(error):
                     continue
@@ -168,7 +168,7 @@ class Acceptor:
         # Out of fds: a handler that finishes frees one, and ends the pause.
         self._fd_wait = exc.errno in FD_ERRNOS
         listener = self._listener
-        error_cb, error_args = listener._error_cb, listener._error_args
+        error_cb, error_args = listener._gate.error_cb, listener._gate.error_args
         if error_cb is not None:
             error_cb(listener, exc, *error_args)
         elif kind is ErrorClass.RESOURCES:

@@ -127,6 +127,6 @@ async def _tls_handshake(
             logger.debug("TLS handshake with %r failed", addr, exc_info=True)
         else:
             return tls
-    with listener._lock:
+    with listener._gate.lock:
         listener._tls_failures += 1
     return None

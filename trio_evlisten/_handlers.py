@@ -73,7 +73,7 @@ class Handlers:
                 self._scope = nursery.cancel_scope
                 self._spawn_into = nursery
                 task_status.started()
-                await self._listener._closed_event.wait()
+                await self._listener._gate.closed_event.wait()
         except BaseExceptionGroup as group:
             self.group = group
             raise
@@ -93,7 +93,7 @@ class Handlers:
             # the connection lives) and CPU on the accept path.
             assert self._spawn_into is not None
             self._spawn_into.start_soon(
-                self._run, conn, addr, cb, args, name=self._listener._task_name
+                self._run, conn, addr, cb, args, name=self._listener._gate.task_name
             )
         except BaseException:
             # Typically "Nursery is closed to new arrivals": the handler
@@ -129,9 +129,9 @@ class Handlers:
 
     def _finished(self) -> None:
         listener = self._listener
-        with listener._lock:
+        with listener._gate.lock:
             self.active -= 1
-            cap = listener._max_connections
+            cap = listener._gate.max_connections
             # A slot (and an fd) came free: the gate may open again.
             freed = listener._acceptor.slot_freed()
             wake = (cap is not None and self.active + 1 >= cap) or freed
@@ -155,14 +155,14 @@ class Handlers:
         """Set draining, wait ``grace`` for the handlers, cancel the rest."""
         listener = self._listener
         self._draining.set()
-        with listener._lock:
+        with listener._gate.lock:
             running = self.active
         if grace is None:
             await self._wait_idle()
         else:
             with trio.move_on_after(grace):
                 await self._wait_idle()
-        with listener._lock:
+        with listener._gate.lock:
             cancelled = self.active
         if cancelled:
             self.cancelling = True

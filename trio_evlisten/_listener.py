@@ -1,43 +1,16 @@
-"""The public object, :class:`ConnListener`, and its gate.
+"""The public object, :class:`ConnListener`: what a listener promises.
 
-Owns: what ``ConnListener`` promises (its properties and plain methods), the
-state they change (enabled, closed, the callbacks, the cap), the gate that
-state makes, and the thread rules (``THREADSAFE``'s lock and wake-ups). It
-runs nothing itself: the accept task is :mod:`._accept`'s, the handler tasks
-:mod:`._handlers`' (hosting, counting, draining) and :mod:`._connection`'s
-(one connection's life).
-
-State rules, all kept by :class:`ConnListener` and nowhere else:
-
-* ``closed`` is terminal; :meth:`~ConnListener.close` reaches it from any
-  state, from any task, callback, or (with ``THREADSAFE``) thread.
-* The gate is open, and ``accept()`` may be called, exactly when the
-  listener is not closed, is enabled, has a callback, runs fewer handlers
-  than ``max_connections``, and is not pausing after an error.
-* Capacity is one gate: ``max_connections`` and running out of file
-  descriptors (``EMFILE``/``ENFILE``) both wait for a handler to finish. A
-  handler that ends wakes the accept task when either held the gate shut;
-  after ``EMFILE``/``ENFILE`` the backoff timer is only the upper bound.
-* ``drain()`` closes, sets ``draining``, waits, then cancels the handlers
-  still running: by default they run in a nursery of their own (opened by a
-  host task, so the ``async with`` body is not in it), whose scope drain
-  cancels, at no cost per connection; in a caller's ``handler_nursery`` each
-  handler runs in a cancel scope of its own (about 0.8 KiB and 10 us a
-  connection, paid only there), and only those are cancelled.
-* Every change that can open the gate or close the listener wakes the accept
-  task, which re-reads the state; a change that shuts the gate needs no wake:
-  the gate is re-checked under the lock before every single ``accept()``.
-* With ``THREADSAFE`` the state, and each check-then-``accept()``, is guarded
-  by one lock, so a ``disable()`` or ``close()`` that returned in any thread
-  is obeyed by the very next ``accept()``.
+Owns: the properties and methods users call, their argument checks and
+docs, and the statistics snapshot. Its state lives in :mod:`._gate` (every
+transition, the thread rules); it runs nothing itself: the accept task is
+:mod:`._accept`'s, the handler tasks :mod:`._handlers`' (hosting, counting,
+draining) and :mod:`._connection`'s (one connection's life).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import threading
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -46,6 +19,7 @@ import trio
 from ._accept import Acceptor
 from ._errors import ErrorLog
 from ._flags import Flag
+from ._gate import Gate
 from ._handlers import Handlers
 from ._options import (
     ListenerOptions,
@@ -93,6 +67,7 @@ class ConnListener:
 
     _lsock: ListeningSocket
     _flags: Flag
+    # Only read once, to make the gate, which keeps them from then on.
     _cb: AcceptCallback | None
     _args: tuple[Any, ...]
     _error_cb: ErrorCallback | None
@@ -100,30 +75,15 @@ class ConnListener:
     _options: ListenerOptions
 
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
-    _enabled: bool = attrs.field(init=False)
-    _closed: bool = attrs.field(default=False, init=False)
-    _closed_event: trio.Event = attrs.field(factory=trio.Event, init=False)
-    _lock: contextlib.AbstractContextManager[object] = attrs.field(init=False)
-    _thread: int = attrs.field(factory=threading.get_ident, init=False)
-    _token: trio.lowlevel.TrioToken = attrs.field(
-        factory=trio.lowlevel.current_trio_token, init=False
-    )
     _sockname: Any = attrs.field(init=False)
     _handler_error_count: int = attrs.field(default=0, init=False)
     _tls_failures: int = attrs.field(default=0, init=False)
     _proxy: ProxyGate | None = attrs.field(default=None, init=False)
-    _task_name: str = attrs.field(init=False)
-    _max_connections: int | None = attrs.field(init=False)
     _acceptor: Acceptor = attrs.field(init=False)
     _handlers: Handlers = attrs.field(init=False)
+    _gate: Gate = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._enabled = not self._flags & Flag.DISABLED
-        self._lock = (
-            threading.RLock()
-            if self._flags & Flag.THREADSAFE
-            else contextlib.nullcontext()
-        )
         self._sockname = self._lsock.std.getsockname()
         options = self._options
         if options["proxy_protocol"]:
@@ -132,10 +92,18 @@ class ConnListener:
                 options["proxy_timeout"],
                 self._sockname,
             )
-        self._task_name = _task_name(self._cb)
-        self._max_connections = options["max_connections"]
         self._acceptor = Acceptor(self, ErrorLog(logger, self._sockname))
         self._handlers = Handlers(self)
+        self._gate = Gate(
+            self._flags,
+            self._cb,
+            self._args,
+            self._error_cb,
+            self._error_args,
+            options["max_connections"],
+            release=self._release,
+            wake=self._acceptor.wake,
+        )
 
     # ------------------------------------------------------------------
     # Public, non-blocking API
@@ -200,12 +168,12 @@ class ConnListener:
         Accepting also needs a callback: with ``cb=None`` an enabled
         listener still waits.
         """
-        return self._enabled
+        return self._gate.enabled
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called, or the listener ended."""
-        return self._closed
+        return self._gate.closed
 
     def statistics(self) -> ListenerStatistics:
         """A frozen snapshot of the listener's counters and state.
@@ -213,9 +181,10 @@ class ConnListener:
         ``queue_depth``/``queue_limit`` are read from the kernel at the call
         (one ``getsockopt``), the rest from the listener's counters.
         """
-        queue = None if self._closed else accept_queue(self._lsock.std)
+        gate = self._gate
+        queue = None if gate.closed else accept_queue(self._lsock.std)
         acceptor = self._acceptor
-        with self._lock:
+        with gate.lock:
             return ListenerStatistics(
                 accepted=acceptor.accepted,
                 active=self._handlers.active,
@@ -226,9 +195,9 @@ class ConnListener:
                 handler_errors=self._handler_error_count,
                 tls_failures=self._tls_failures,
                 proxy_rejected=0 if self._proxy is None else self._proxy.rejected,
-                enabled=self._enabled,
-                closed=self._closed,
-                max_connections=self._max_connections,
+                enabled=gate.enabled,
+                closed=gate.closed,
+                max_connections=gate.max_connections,
                 queue_depth=None if queue is None else queue[0],
                 queue_limit=None if queue is None else queue[1],
                 backlog=self._lsock.backlog if queue is None else queue[1],
@@ -244,11 +213,7 @@ class ConnListener:
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        self._check_thread("enable")
-        with self._lock:
-            self._check_open("enable")
-            self._enabled = True
-        self._wake_threadsafe()
+        self._gate.set_enabled(True)
 
     def disable(self) -> None:
         """Stop accepting until :meth:`enable` (``evconnlistener_disable``).
@@ -261,12 +226,7 @@ class ConnListener:
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        self._check_thread("disable")
-        with self._lock:
-            self._check_open("disable")
-            self._enabled = False
-        # No wake: the gate is checked before every accept(), and a task
-        # parked in wait_readable will find it shut when it wakes.
+        self._gate.set_enabled(False)
 
     def set_cb(self, cb: AcceptCallback | None, *args: Any) -> None:
         """Replace the accept callback and its arguments (``evconnlistener_set_cb``).
@@ -282,13 +242,7 @@ class ConnListener:
                 :attr:`Flag.THREADSAFE`.
         """
         _check_cb(cb, "cb")
-        self._check_thread("set_cb")
-        with self._lock:
-            self._check_open("set_cb")
-            self._cb, self._args = cb, args
-            self._task_name = _task_name(cb)
-        if cb is not None:
-            self._wake_threadsafe()
+        self._gate.set_cb(cb, args)
 
     def set_error_cb(self, error_cb: ErrorCallback | None, *args: Any) -> None:
         """Set the callback for ``accept()`` errors (``evconnlistener_set_error_cb``).
@@ -306,10 +260,7 @@ class ConnListener:
                 :attr:`Flag.THREADSAFE`.
         """
         _check_cb(error_cb, "error_cb")
-        self._check_thread("set_error_cb")
-        with self._lock:
-            self._check_open("set_error_cb")
-            self._error_cb, self._error_args = error_cb, args
+        self._gate.set_error_cb(error_cb, args)
 
     def set_max_connections(self, max_connections: int | None) -> None:
         """Change the cap on running handlers of a running listener.
@@ -329,12 +280,8 @@ class ConnListener:
                 :attr:`Flag.THREADSAFE`.
         """
         check_max_connections(max_connections)
-        self._check_thread("set_max_connections")
-        with self._lock:
-            self._check_open("set_max_connections")
-            self._max_connections = max_connections
+        self._gate.set_max_connections(max_connections)
         warn_if_fd_limit_below(max_connections, stacklevel=2)
-        self._wake_threadsafe()
 
     @property
     def draining(self) -> bool:
@@ -385,7 +332,7 @@ class ConnListener:
                 :func:`trio.from_thread.run`).
         """
         check_seconds("grace", grace, optional=True)
-        self._check_thread("drain")
+        self._gate.check_thread("drain")
         self.close()
         return await self._handlers.drain(grace)
 
@@ -408,75 +355,15 @@ class ConnListener:
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        on_trio_thread = self._check_thread("close")
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        if on_trio_thread:
-            self._release()
-        else:
-            self._run_on_trio_thread(self._release)
+        self._gate.close()
 
     async def aclose(self) -> None:
         """:meth:`close`, as an async method (it checkpoints)."""
         self.close()
         await trio.lowlevel.checkpoint()
 
-    # ------------------------------------------------------------------
-    # Private: threads
-
-    def _check_thread(self, method: str) -> bool:
-        """Return whether we are on the listener's thread, or raise."""
-        if threading.get_ident() == self._thread:
-            return True
-        if self._flags & Flag.THREADSAFE:
-            return False
-        raise RuntimeError(
-            f"ConnListener.{method}() was called from a thread other than the "
-            "listener's; open the listener with Flag.THREADSAFE to allow that"
-        )
-
-    def _check_open(self, method: str) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError(
-                f"ConnListener.{method}() called on a closed listener"
-            )
-
-    def _run_on_trio_thread(self, fn: Callable[[], None]) -> None:
-        with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(fn)
-
-    def _wake_threadsafe(self) -> None:
-        if threading.get_ident() == self._thread:
-            self._acceptor.wake()
-        else:
-            self._run_on_trio_thread(self._acceptor.wake)
-
-    # ------------------------------------------------------------------
-    # Private: the gate (read by the accept task, under the lock)
-
     def _release(self) -> None:
-        self._acceptor.wake()
         self._lsock.release(close=bool(self._flags & Flag.CLOSE_ON_FREE))
-        self._closed_event.set()
-
-    def _gate_open(self) -> bool:
-        return (
-            not self._closed
-            and self._enabled
-            and self._cb is not None
-            and (
-                self._max_connections is None
-                or self._handlers.active < self._max_connections
-            )
-        )
-
-
-def _task_name(cb: object) -> str:
-    """The name handler tasks get, for trio's task tree and tracebacks."""
-    name = getattr(cb, "__qualname__", None) or type(cb).__qualname__
-    return f"trio_evlisten handler {name}"
 
 
 def _now() -> float:

@@ -236,4 +236,4 @@ async def serve_listener(
         **options,
     ) as listener:
         task_status.started(listener)
-        await listener._closed_event.wait()
+        await listener._gate.closed_event.wait()
