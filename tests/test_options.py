@@ -11,13 +11,8 @@ import trio
 
 import trio_evlisten
 from trio_evlisten import ListenerOptions, open_listener, serve_listener
-from trio_evlisten._options import (
-    OPTIONS,
-    add_arguments,
-    from_arguments,
-    resolve,
-    to_argv,
-)
+from trio_evlisten._option_flags import add_arguments, from_arguments, to_argv
+from trio_evlisten._options import OPTIONS, resolve
 
 #: A value for each option that differs from its default and that the
 #: command line can carry (None where an option has no CLI spelling).

@@ -30,7 +30,7 @@ import trio
 
 from ._flags import Flag
 from ._open import open_listener
-from ._options import add_arguments, from_arguments
+from ._option_flags import add_arguments, from_arguments
 from ._version import __version__
 
 if TYPE_CHECKING:

@@ -17,6 +17,7 @@ import attrs
 import trio
 
 from ._accept import Acceptor
+from ._backlog import accept_queue
 from ._errors import ErrorLog
 from ._flags import Flag
 from ._gate import Gate
@@ -28,7 +29,6 @@ from ._options import (
     warn_if_fd_limit_below,
 )
 from ._proxy_gate import ProxyGate, trusted_networks
-from ._socket import accept_queue
 from ._stats import DrainResult, ListenerStatistics
 
 if TYPE_CHECKING:

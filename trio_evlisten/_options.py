@@ -8,14 +8,13 @@ spelling. Everything else derives from that one line: the ``**options`` of
 :func:`resolve` (defaults and checks), the reference's table (the
 TypedDict's docstring is written from the annotations), and the flags of
 ``python -m trio_evlisten echo`` and ``python -m trio_evlisten.workers``
-(:func:`add_arguments`, :func:`from_arguments`, :func:`to_argv`).
+(:mod:`._option_flags`).
 
 Adding an option is: one annotated key below, plus the code that uses it.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import ssl
 import sys
@@ -337,87 +336,3 @@ def warn_if_fd_limit_below(max_connections: int | None, *, stacklevel: int) -> N
         ),
         stacklevel=stacklevel + 1,
     )
-
-
-# ----------------------------------------------------------------------
-# The command lines derive their option flags from the same definitions.
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
-    """Add ``--max-connections N`` and the like for the options ``names``.
-
-    An option left off the command line is left out of the namespace, so its
-    default stays the one defined here.
-    """
-    for name in names:
-        option = OPTIONS[name]
-        cli = option.cli
-        assert cli is not None, f"{name} has no command-line spelling"
-        help_text = f"{_plain(option.doc)} (default: {option.default!r})"
-        if cli.metavar is None:
-            parser.add_argument(
-                _flag(name),
-                action="store_true",
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-            continue
-        parser.add_argument(
-            _flag(name),
-            type=_argument_type(name, option),
-            action="append" if cli.repeat else "store",
-            metavar=cli.metavar,
-            default=argparse.SUPPRESS,
-            help=help_text,
-        )
-
-
-def _argument_type(name: str, option: Option) -> Callable[[str], object]:
-    cli = option.cli
-    assert cli is not None
-
-    def convert(text: str) -> object:
-        try:
-            value = cli.parse(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {cli.metavar}, not {text!r}"
-            ) from None
-        try:
-            option.check([value] if cli.repeat else value, name)
-        except (TypeError, ValueError) as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        return value
-
-    return convert
-
-
-def from_arguments(namespace: argparse.Namespace) -> dict[str, Any]:
-    """The options given on the command line, for ``open_listener(**...)``."""
-    return {name: vars(namespace)[name] for name in OPTIONS if name in vars(namespace)}
-
-
-def to_argv(given: Mapping[str, Any]) -> list[str]:
-    """Command-line arguments that :func:`from_arguments` turns back into ``given``."""
-    argv: list[str] = []
-    for name, value in given.items():
-        cli = OPTIONS[name].cli
-        assert cli is not None, f"{name} has no command-line spelling"
-        if cli.metavar is None:
-            argv += [_flag(name)] if value else []
-        elif cli.repeat:
-            argv += [f"{_flag(name)}={item}" for item in value]
-        else:
-            argv.append(f"{_flag(name)}={'none' if value is None else value}")
-    return argv
-
-
-def _plain(doc: str) -> str:
-    """Reference text without reST markup, for ``--help``."""
-    for markup in (":meth:", ":class:", ":func:", ":mod:", "``", "~"):
-        doc = doc.replace(markup, "")
-    return doc.replace("`", "")

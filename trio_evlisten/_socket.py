@@ -11,15 +11,13 @@ import errno
 import os
 import socket
 import stat
-import struct
 import sys
-import warnings
-from typing import Final, TypeAlias, final
+from typing import TypeAlias, final
 
 import attrs
 import trio
 
-from ._errors import ResourceLimitWarning
+from ._backlog import check_backlog, listen
 from ._flags import Flag
 
 #: What ``address=`` takes: ``(host, port)``, ``(host, port, flowinfo,
@@ -29,100 +27,6 @@ Address: TypeAlias = (
 )
 #: What ``sock=`` takes.
 SockArg: TypeAlias = "socket.socket | trio.socket.SocketType | int"
-
-#: libevent caps nothing; trio caps at 0xFFFF because some kernels store the
-#: backlog in 16 bits and a bigger value wraps around to a tiny one.
-BACKLOG_MAX: Final = 0xFFFF
-
-_SOMAXCONN_PATH: Final = "/proc/sys/net/core/somaxconn"
-
-
-def default_backlog() -> int:
-    """The backlog ``backlog < 0`` asks for: the OS maximum, capped at 65535.
-
-    Like trio, read Linux's ``somaxconn`` (the kernel silently truncates any
-    larger value to it anyway); elsewhere ask for the cap and let the kernel
-    truncate.
-    """
-    try:
-        with open(_SOMAXCONN_PATH, "rb") as f:
-            return min(int(f.read()), BACKLOG_MAX)
-    except (OSError, ValueError):
-        return BACKLOG_MAX
-
-
-def somaxconn() -> int | None:
-    """Linux's ``net.core.somaxconn`` (the kernel's cap on any backlog), or None."""
-    try:
-        with open(_SOMAXCONN_PATH, "rb") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-def _listen(std: socket.socket, backlog: int) -> int:
-    """``listen()`` with ``backlog`` (``< 0``: the default); return the effective one.
-
-    Warns (:class:`ResourceLimitWarning`) when the kernel will cut an asked
-    backlog to ``somaxconn``: connections beyond it are dropped or refused
-    while the listener is busy, which is what the caller tried to avoid.
-    """
-    asked = backlog if backlog > 0 else default_backlog()
-    std.listen(asked)
-    cap = somaxconn()
-    if cap is None or asked <= cap:
-        return asked
-    if backlog > 0:
-        warnings.warn(
-            ResourceLimitWarning(
-                f"backlog={backlog} was cut to {cap} by the kernel "
-                f"({_SOMAXCONN_PATH}); raise net.core.somaxconn to get it"
-            ),
-            stacklevel=2,
-        )
-    return cap
-
-
-#: ``struct tcp_info``: 8 bytes of u8 fields, then u32 ``tcpi_rto``,
-#: ``tcpi_ato``, ``tcpi_snd_mss``, ``tcpi_rcv_mss``, ``tcpi_unacked`` (offset
-#: 24) and ``tcpi_sacked`` (offset 28). On a listening socket Linux reports
-#: the accept queue's length in ``tcpi_unacked`` and its limit in
-#: ``tcpi_sacked`` (``tcp_get_info`` in net/ipv4/tcp.c).
-_TCP_INFO_QUEUE: Final = struct.Struct("=24xII")
-
-
-def accept_queue(std: socket.socket) -> tuple[int, int] | None:
-    """``(depth, limit)`` of a listening TCP socket's accept queue, or None.
-
-    None on a Unix socket, a platform without ``TCP_INFO``, or a closed socket.
-    """
-    tcp_info = getattr(socket, "TCP_INFO", None)
-    if (
-        tcp_info is None
-        or not sys.platform.startswith("linux")
-        or std.family not in (socket.AF_INET, socket.AF_INET6)
-    ):
-        return None
-    try:
-        raw = std.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCP_INFO_QUEUE.size)
-    except OSError:
-        return None
-    if len(raw) < _TCP_INFO_QUEUE.size:  # pragma: no cover - very old kernels
-        return None
-    depth, limit = _TCP_INFO_QUEUE.unpack_from(raw)
-    return depth, limit
-
-
-def check_backlog(backlog: object, *, wrapping: bool) -> int:
-    if isinstance(backlog, bool) or not isinstance(backlog, int):
-        raise TypeError(f"backlog must be an int, not {backlog!r}")
-    if backlog == 0 and not wrapping:
-        raise ValueError(
-            "backlog=0 means 'the socket is already listening', which only "
-            "makes sense with sock=; with address= give backlog=-1 (a good "
-            "default) or a positive queue length"
-        )
-    return backlog
 
 
 @final
@@ -289,7 +193,7 @@ def _bind_inet(
             )
         std.bind(sockaddr)
         _apply_listening_flags(std, flags)
-        effective = _listen(std, backlog)
+        effective = listen(std, backlog)
         return ListeningSocket(
             std, trio.socket.from_stdlib_socket(std), backlog=effective
         )
@@ -307,7 +211,7 @@ def _bind_unix(path: str, flags: Flag, backlog: int) -> ListeningSocket:
         unlink = None if path.startswith("\0") else path
         try:
             _apply_listening_flags(std, flags)
-            effective = _listen(std, backlog)
+            effective = listen(std, backlog)
             trio_sock = trio.socket.from_stdlib_socket(std)
         except BaseException:
             if unlink is not None:
@@ -349,7 +253,7 @@ def _wrap(sock: SockArg, flags: Flag, backlog: int) -> ListeningSocket:
             # lets later sockets bind the same port beside it.
             std.setsockopt(socket.SOL_SOCKET, _so_reuseport(), 1)
         _apply_listening_flags(std, flags)
-        effective = _listen(std, backlog) if backlog != 0 else None
+        effective = listen(std, backlog) if backlog != 0 else None
         std.setblocking(False)
         twin = False
         if isinstance(sock, trio.socket.SocketType):
