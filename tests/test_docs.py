@@ -500,6 +500,6 @@ async def test_finish_up_drains_a_keep_alive_handler_between_requests() -> None:
     with trio.fail_after(10):
         result, replies, backlog, queue_limit = await load("finish_up").main()
     # The handler heard the drain, said goodbye and returned by itself.
-    assert result == trio_evlisten.DrainResult(finished=1, cancelled=0)
+    assert result == trio_evlisten.DrainResult(finished=1, failed=0, cancelled=0)
     assert replies == b"ok a\nbye\n"
     assert (backlog, queue_limit) == (5, 5 if sys.platform == "linux" else None)

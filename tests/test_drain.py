@@ -62,7 +62,7 @@ async def test_drain_signals_waits_the_grace_exactly_then_cancels(
             t0 = trio.current_time()
             result = await listener.drain(1.5)
             assert trio.current_time() == t0 + 1.5
-            assert result == DrainResult(finished=1, cancelled=1)
+            assert result == DrainResult(finished=1, failed=0, cancelled=1)
             assert listener.closed
             assert listener.draining
             stats = listener.statistics()
@@ -85,14 +85,16 @@ async def test_drain_stops_accepting_at_once_and_returns_at_once_when_idle(
                 assert await recv_exactly(client, 2) == b"hi"
             await trio.testing.wait_all_tasks_blocked()
             t0 = trio.current_time()
-            assert await listener.drain(30) == DrainResult(finished=0, cancelled=0)
+            result = await listener.drain(30)
+            assert result == DrainResult(finished=0, failed=0, cancelled=0)
             assert trio.current_time() == t0
             assert listener.closed
             assert listener.fd == -1  # CLOSE_ON_FREE: the socket is gone
             with pytest.raises(OSError, match="connect"):
                 await trio.open_tcp_stream("127.0.0.1", listener.port)
             # Idempotent: a second drain finds nothing to do.
-            assert await listener.drain(0) == DrainResult(finished=0, cancelled=0)
+            result = await listener.drain(0)
+            assert result == DrainResult(finished=0, failed=0, cancelled=0)
 
 
 async def test_grace_none_waits_for_every_handler(
@@ -111,7 +113,8 @@ async def test_grace_none_waits_for_every_handler(
         ):
             await started.wait()
             t0 = trio.current_time()
-            assert await listener.drain() == DrainResult(finished=1, cancelled=0)
+            result = await listener.drain()
+            assert result == DrainResult(finished=1, failed=0, cancelled=0)
             assert trio.current_time() == t0 + 100
 
 
@@ -138,7 +141,8 @@ async def test_a_handler_that_fails_as_drain_cancels_it_is_no_handler_error(
             await open_stream_to(listener),
         ):
             await started.wait()
-            assert await listener.drain(0) == DrainResult(finished=0, cancelled=1)
+            result = await listener.drain(0)
+            assert result == DrainResult(finished=0, failed=0, cancelled=1)
             stats = listener.statistics()
     assert stats.handler_errors == 0
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
@@ -195,7 +199,7 @@ async def test_with_handler_nursery_drain_cancels_only_its_own_handlers(
                 t0 = trio.current_time()
                 result = await listener.drain(3)
                 assert trio.current_time() == t0 + 3
-            assert result == DrainResult(finished=0, cancelled=1)
+            assert result == DrainResult(finished=0, failed=0, cancelled=1)
             assert handler.ended == {b"stuck": ("cancelled", t0 + 3)}
             assert bystander_done == []  # the nursery's other task goes on
     assert bystander_done == [pytest.approx(t0 + 10, abs=0.5)]
@@ -221,7 +225,8 @@ async def test_leaving_the_block_with_handler_nursery_does_not_drain(
             await trio.testing.wait_all_tasks_blocked()
             assert handler.told == {}
             t0 = trio.current_time()
-            assert await listener.drain(5) == DrainResult(finished=1, cancelled=0)
+            result = await listener.drain(5)
+            assert result == DrainResult(finished=1, failed=0, cancelled=0)
             assert handler.ended == {b"quick": ("finished", t0 + 0.25)}
 
 
@@ -248,8 +253,8 @@ async def test_two_drains_at_once_both_return_when_the_handlers_end(
                 nursery.start_soon(drain, 20)
     # Both saw the handler finish by itself at +0.25 s.
     assert sorted(results, key=lambda r: r[0]) == [
-        (t0 + 0.25, DrainResult(finished=1, cancelled=0)),
-        (t0 + 0.25, DrainResult(finished=1, cancelled=0)),
+        (t0 + 0.25, DrainResult(finished=1, failed=0, cancelled=0)),
+        (t0 + 0.25, DrainResult(finished=1, failed=0, cancelled=0)),
     ]
 
 

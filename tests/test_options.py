@@ -18,6 +18,7 @@ from trio_evlisten._options import OPTIONS, resolve
 #: command line can carry (None where an option has no CLI spelling).
 EXAMPLES: dict[str, Any] = {
     "max_connections": 7,
+    "max_pending": 300,
     "drain_timeout": 2.5,
     "proxy_protocol": True,
     "proxy_trusted": ["10.0.0.0/8", "::1"],

@@ -87,6 +87,7 @@ exit status: 0 after Ctrl-C or SIGTERM (a statistics summary is printed),
 #: checks and help come from :mod:`._options`).
 ECHO_OPTIONS: Final = (
     "max_connections",
+    "max_pending",
     "drain_timeout",
     "proxy_protocol",
     "proxy_trusted",

@@ -1,13 +1,15 @@
 """One connection's life, in its handler task: preamble, stream, callback, close.
 
-Owns, in order: the preamble (the PROXY header, then the TLS handshake), the
-object handed to the callback (a stream, or a blocking socket), the call,
-supervision (what an exception escaping the handler means), and closing what
-the listener still owns afterwards.
+Owns, in order: the preamble (:meth:`Connections.open`: the PROXY header,
+then the TLS handshake), the object handed to the callback (a stream, or a
+blocking socket), the call and its supervision (:meth:`Connections.run`:
+what an exception escaping the handler means, the grouped log of handler
+errors), and closing what the listener still owns afterwards; plus the
+counters of how connections ended.
 
-May not touch: how many handlers run or where (that is :mod:`._handlers`,
-which calls :func:`serve_connection` and counts it), the accept loop, or the
-listener's gate.
+May not touch: how many handlers run, where, or when a handler may start
+(that is :mod:`._handlers`, which calls these methods and takes a handler
+slot between the preamble and the call), the accept loop, or the gate.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import trio
 
+from ._errors import GroupedLog
 from ._flags import Flag
 from ._proxy_gate import REJECTED
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
     from socket import socket as StdSocket
 
-    from ._listener import AcceptCallback, ConnListener
+    from ._gate import AcceptCallback
+    from ._options import ListenerOptions
+    from ._proxy_gate import ProxyGate
 
 logger: Final = logging.getLogger("trio_evlisten")
 
@@ -32,101 +39,161 @@ logger: Final = logging.getLogger("trio_evlisten")
 TLS_CLOSE_TIMEOUT: Final = 1.0
 
 
-async def serve_connection(
-    listener: ConnListener,
-    conn: StdSocket | None,
-    addr: Any,
-    cb: AcceptCallback,
-    args: tuple[Any, ...],
-) -> None:
-    """Run one accepted connection from its preamble to its close.
+@attrs.define(eq=False)
+class Connections:
+    """What the connections of one listener share: options, counters, log."""
 
-    Error handling:
-        A handler's :exc:`Exception` is logged (``trio.BrokenResourceError``
-        at DEBUG) and counted, or raised with ``handler_errors="raise"``.
+    #: The listener, as the callback's first argument.
+    _owner: object
+    _flags: Flag
+    _options: ListenerOptions
+    _proxy: ProxyGate | None
+    _lock: AbstractContextManager[object]
+    log: GroupedLog
+    #: Handlers that raised (not counting a peer going away, or a drain).
+    handler_errors: int = attrs.field(default=0, init=False)
+    #: Handlers that returned (or lost their peer) by themselves.
+    finished: int = attrs.field(default=0, init=False)
+    tls_failures: int = attrs.field(default=0, init=False)
+    #: Set by drain() once it cancels: what fails then is the drain's doing.
+    cancelling: bool = attrs.field(default=False, init=False)
+    has_preamble: bool = attrs.field(init=False)
 
-    Resource handling:
-        The connection is closed on return, unless it was handed to the
-        handler as a blocking socket (``LEAVE_SOCKETS_BLOCKING``), which the
-        handler then owns.
-    """
-    options = listener._options
-    proxy = listener._proxy
-    trio_sock: trio.socket.SocketType | None = None
-    try:
-        if listener._flags & Flag.LEAVE_SOCKETS_BLOCKING:
-            assert conn is not None
-            if proxy is not None:
-                # Read while the socket is still non-blocking, in this
-                # task (never the accept loop's), before anything else.
-                addr = await proxy.read(trio.socket.from_stdlib_socket(conn), addr)
-                if addr is REJECTED:
-                    return
+    def __attrs_post_init__(self) -> None:
+        self.has_preamble = (
+            self._proxy is not None or self._options["ssl_context"] is not None
+        )
+
+    # ------------------------------------------------------------------
+    # Before the handler
+
+    def plain(self, conn: StdSocket) -> object:
+        """What the handler gets when there is no preamble."""
+        if self._flags & Flag.LEAVE_SOCKETS_BLOCKING:
             conn.setblocking(True)
-            # From here on the handler owns the socket.
-            conn_for_handler, conn = conn, None
-            await cb(listener, conn_for_handler, addr, *args)
-        else:
-            assert conn is not None
-            trio_sock = trio.socket.from_stdlib_socket(conn)
-            if proxy is not None:
-                # Before the TLS handshake: the header comes in clear.
-                addr = await proxy.read(trio_sock, addr)
-                if addr is REJECTED:
-                    return
-            stream = trio.SocketStream(trio_sock)
-            if options["ssl_context"] is None:
-                await cb(listener, stream, addr, *args)
-            else:
-                tls = await _tls_handshake(listener, stream, addr)
-                if tls is not None:
-                    await cb(listener, tls, addr, *args)
-                    # Say goodbye properly (close_notify), so the client
-                    # can tell our close from a truncation attack; but
-                    # never wait long for a peer that does not read.
-                    with trio.move_on_after(TLS_CLOSE_TIMEOUT):
-                        await tls.aclose()
-    except trio.BrokenResourceError:
-        if options["handler_errors"] == "raise" and not listener._handlers.cancelling:
-            raise
-        logger.debug("handler for %r: the peer went away", addr, exc_info=True)
-    except Exception:
-        if listener._handlers.cancelling:
-            # Cancelled by drain(), it failed while unwinding: the drain's
-            # doing, not a bug of the handler's.
-            logger.debug("handler for %r raised once drained", addr, exc_info=True)
-        else:
-            listener._handler_error_count += 1
-            if options["handler_errors"] == "raise":
-                raise
-            logger.exception("handler for %r raised", addr)
-    finally:
-        # The listener owns the trio stream and closes it, through trio so
-        # that any task still waiting on it is told (closing twice is
-        # harmless). A blocking socket is the handler's once handed over,
-        # and closed here only if it never got that far.
-        if trio_sock is not None:
-            trio_sock.close()
-        elif conn is not None:
-            conn.close()
+            return conn
+        return _stream(conn)
 
+    async def open(self, conn: StdSocket, addr: Any) -> tuple[object, Any] | None:
+        """Run the preamble: what the handler gets, and the address it sees.
 
-async def _tls_handshake(
-    listener: ConnListener, stream: trio.SocketStream, addr: Any
-) -> trio.SSLStream[trio.SocketStream] | None:
-    """Run the server side of the handshake; None if it failed or timed out."""
-    options = listener._options
-    assert options["ssl_context"] is not None
-    tls = trio.SSLStream(stream, options["ssl_context"], server_side=True)
-    with trio.move_on_after(options["tls_handshake_timeout"]):
+        ``None`` if the connection was dropped (a refused PROXY header, a
+        failed TLS handshake): it is closed then, and counted.
+
+        Resource handling:
+            ``conn`` is closed here if anything fails or is cancelled.
+        """
         try:
-            await tls.do_handshake()
+            if self._proxy is not None:
+                # Before the TLS handshake: the header comes in clear. Read
+                # while the socket is still non-blocking, in this task.
+                addr = await self._proxy.read(
+                    trio.socket.from_stdlib_socket(conn), addr
+                )
+                if addr is REJECTED:
+                    close(conn)
+                    return None
+            context = self._options["ssl_context"]
+            if context is None:
+                return self.plain(conn), addr
+            tls = trio.SSLStream(_stream(conn), context, server_side=True)
+            if await self._handshake(tls, addr):
+                return tls, addr
+            close(conn)
+            return None
+        except BaseException:
+            close(conn)
+            raise
+
+    async def _handshake(self, tls: trio.SSLStream[Any], addr: Any) -> bool:
+        """Run the server side of the handshake; False if it failed or timed out."""
+        with trio.move_on_after(self._options["tls_handshake_timeout"]):
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError:
+                # A client that does not speak TLS, or rejects our
+                # certificate: its problem, not the server's; DEBUG keeps busy
+                # logs clean.
+                logger.debug("TLS handshake with %r failed", addr, exc_info=True)
+            else:
+                return True
+        with self._lock:
+            self.tls_failures += 1
+        return False
+
+    # ------------------------------------------------------------------
+    # The handler
+
+    async def run(
+        self,
+        conn: StdSocket,
+        handed: object,
+        addr: Any,
+        cb: AcceptCallback,
+        args: tuple[Any, ...],
+    ) -> None:
+        """Call the handler with ``handed``; supervise it; close what we own.
+
+        Error handling:
+            A handler's :exc:`Exception` is counted and logged (grouped: the
+            first of a burst in full, then a summary line per interval;
+            ``trio.BrokenResourceError`` at DEBUG), or raised with
+            ``handler_errors="raise"``.
+
+        Resource handling:
+            ``conn`` is closed on return, unless it was handed to the handler
+            as a blocking socket (``LEAVE_SOCKETS_BLOCKING``), which the
+            handler then owns.
+        """
+        try:
+            await cb(self._owner, handed, addr, *args)
+            if isinstance(handed, trio.SSLStream):
+                # Say goodbye properly (close_notify), so the client can tell
+                # our close from a truncation attack; but never wait long for
+                # a peer that does not read.
+                with trio.move_on_after(TLS_CLOSE_TIMEOUT):
+                    await handed.aclose()
         except trio.BrokenResourceError:
-            # A client that does not speak TLS, or rejects our certificate:
-            # its problem, not the server's; DEBUG keeps busy logs clean.
-            logger.debug("TLS handshake with %r failed", addr, exc_info=True)
+            if self._options["handler_errors"] == "raise" and not self.cancelling:
+                raise
+            logger.debug("handler for %r: the peer went away", addr, exc_info=True)
+            self.finished += 1
+        except Exception as exc:
+            if self.cancelling:
+                # Cancelled by drain(), it failed while unwinding: the drain's
+                # doing, not a bug of the handler's.
+                logger.debug("handler for %r raised once drained", addr, exc_info=True)
+            else:
+                self.handler_errors += 1
+                if self._options["handler_errors"] == "raise":
+                    raise
+                self._log_error(exc, addr)
         else:
-            return tls
-    with listener._gate.lock:
-        listener._tls_failures += 1
-    return None
+            self.finished += 1
+        finally:
+            # The listener owns the stream and closes it (telling any task
+            # still waiting on it). A blocking socket is the handler's once
+            # handed over.
+            if handed is not conn:
+                close(conn)
+
+    def _log_error(self, exc: Exception, addr: Any) -> None:
+        last = f"{exc!r} from {addr!r}"
+        if self.log.record(type(exc).__qualname__, last, trio.current_time()):
+            logger.error(
+                "handler for %r raised",
+                addr,
+                exc_info=exc,
+                extra={"handler_errors": 1},
+            )
+
+
+def close(conn: StdSocket) -> None:
+    """Close an accepted socket, waking any task waiting on it. Idempotent."""
+    if conn.fileno() != -1:
+        trio.lowlevel.notify_closing(conn)
+        conn.close()
+
+
+def _stream(conn: StdSocket) -> trio.SocketStream:
+    return trio.SocketStream(trio.socket.from_stdlib_socket(conn))

@@ -11,7 +11,7 @@ import collections
 import enum
 import errno
 import logging
-from typing import Any, Final
+from typing import Final
 
 import attrs
 
@@ -142,53 +142,54 @@ class Backoff:
         return self._current
 
 
-def _errno_name(code: int | None) -> str:
-    return errno.errorcode.get(code, str(code)) if code is not None else "?"
-
-
 @attrs.define(eq=False)
-class ErrorLog:
-    r"""Groups repeated ``accept()`` errors into one log line per interval.
+class GroupedLog:
+    r"""Groups repeated errors into one log line per interval.
 
-    The first error when no line was logged for ``interval`` seconds is
-    logged at once; later ones are counted, and reported by :meth:`flush` as
-    one summary line (``EMFILE \u00d7412 in 10.0 s``) once ``interval`` has passed
-    since the last line, or when the listener ends.
+    The first error when no line was logged for ``interval`` seconds opens a
+    burst: :meth:`record` returns True and the caller logs it in full. Later
+    ones are counted by kind, and :meth:`flush` reports them as one summary
+    line (``accept() on ... failed: EMFILE \u00d7412 in 10.0 s (last: ...)``)
+    once ``interval`` has passed since the last line, or when the listener
+    ends. So a flood of errors, whoever causes them, costs one line per
+    interval, and no error goes uncounted.
     """
 
     logger: logging.Logger
-    where: Any
+    #: What failed, as the summary line starts: ``accept() on ('::', 80) failed``.
+    prefix: str
+    #: The name of the record attribute (``extra=``) that carries the count.
+    count_attribute: str
     interval: float = ERROR_LOG_INTERVAL
     _last_line: float = attrs.field(default=-float("inf"), init=False)
     _pending: collections.Counter[str] = attrs.field(
         factory=collections.Counter, init=False
     )
-    _last_exc: OSError | None = attrs.field(default=None, init=False)
-    _last_delay: float = attrs.field(default=0.0, init=False)
+    _last: str = attrs.field(default="", init=False)
 
     @property
     def due(self) -> float:
         """When :meth:`flush` has a summary to log (``inf``: nothing pending)."""
         return self._last_line + self.interval if self._pending else float("inf")
 
-    def error(self, exc: OSError, delay: float, now: float) -> None:
-        """Record one error that pauses accepting for ``delay`` seconds."""
-        self._last_exc, self._last_delay = exc, delay
+    def record(self, kind: str, last: str, now: float) -> bool:
+        """Count one error of ``kind``; return whether to log it in full now.
+
+        ``last`` describes it, for the summary line's ``(last: ...)``.
+        """
+        self._last = last
         if not self._pending and now >= self._last_line + self.interval:
             self._last_line = now
-            self.logger.error(
-                "accept() on %r failed: %s; pausing accepts for %.3f s",
-                self.where,
-                exc,
-                delay,
-                extra={"accept_errors": 1},
-            )
-            return
-        self._pending[_errno_name(exc.errno)] += 1
+            return True
+        self._pending[kind] += 1
         self.flush(now)
+        return False
 
-    def flush(self, now: float, *, final: bool = False) -> None:
-        """Log the summary line if it is due (or, with ``final``, if any)."""
+    def flush(self, now: float, *, final: str = "") -> None:
+        """Log the summary line if it is due (or, with ``final``, if any).
+
+        ``final`` is appended to the line (``"; listener closed"``).
+        """
         if not self._pending or (not final and now < self.due):
             return
         counts = ", ".join(f"{name} \u00d7{n}" for name, n in self._pending.items())
@@ -197,12 +198,16 @@ class ErrorLog:
         self._pending.clear()
         self._last_line = now
         self.logger.error(
-            "accept() on %r failed: %s in %.1f s (last: %s, then a %.3f s pause)%s",
-            self.where,
+            "%s: %s in %.1f s (last: %s)%s",
+            self.prefix,
             counts,
             now - since,
-            self._last_exc,
-            self._last_delay,
-            "; listener closed" if final else "",
-            extra={"accept_errors": total},
+            self._last,
+            final,
+            extra={self.count_attribute: total},
         )
+
+
+def errno_name(code: int | None) -> str:
+    """``EMFILE`` for 24: how a summary line names an errno."""
+    return errno.errorcode.get(code, str(code)) if code is not None else "?"

@@ -13,9 +13,11 @@ State rules, all kept here and nowhere else:
 * ``closed`` is terminal; :meth:`Gate.close` reaches it from any state, from
   any task, callback, or (with ``THREADSAFE``) thread.
 * The gate is open, and ``accept()`` may be called, exactly when the
-  listener is not closed, is enabled, has a callback, runs fewer handlers
-  than ``max_connections``, and (the accept task's own rule) is not pausing
-  after an error.
+  listener is not closed, is enabled (or a drain is sweeping the queue), has
+  a callback, has room (:meth:`._handlers.Handlers.has_room`: fewer
+  handlers than ``max_connections``, or with a preamble, fewer pending
+  connections than ``max_pending``), and (the accept task's own rule) is
+  not pausing after an error.
 * Capacity is one gate: ``max_connections`` and running out of file
   descriptors (``EMFILE``/``ENFILE``) both wait for a handler to finish. A
   handler that ends wakes the accept task when either held the gate shut;
@@ -79,17 +81,13 @@ class Gate:
         )
         self.task_name = task_name(self.cb)
 
-    def is_open(self, active: int) -> bool:
-        """Whether ``accept()`` may be called with ``active`` handlers running.
+    def is_open(self, *, sweeping: bool = False) -> bool:
+        """Whether the state lets ``accept()`` be called (capacity aside).
 
-        Called under :attr:`lock`.
+        ``sweeping``: a drain is taking what the kernel queued, which a
+        disabled listener does too. Called under :attr:`lock`.
         """
-        return (
-            not self.closed
-            and self.enabled
-            and self.cb is not None
-            and (self.max_connections is None or active < self.max_connections)
-        )
+        return not self.closed and (self.enabled or sweeping) and self.cb is not None
 
     # ------------------------------------------------------------------
     # Transitions: each checks the thread, changes state under the lock,

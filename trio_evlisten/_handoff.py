@@ -148,8 +148,9 @@ async def hand_off(
         (``pass_fds``; every other fd stays close-on-exec). Once the
         successor is ready, a :class:`ConnListener` given here no longer
         unlinks its Unix socket path when closed, since the successor serves
-        that path now. The notify socket (in a private temporary directory)
-        is removed before this returns.
+        that path now, and its drain leaves the queued connections to the
+        successor instead of taking them. The notify socket (in a private
+        temporary directory) is removed before this returns.
     """
     fds, names = _collect(sockets)
     argv = [str(arg) for arg in command]
@@ -183,8 +184,10 @@ async def hand_off(
     for value in sockets.values():
         for item in _as_list(value):
             if isinstance(item, ConnListener):
-                # Closing it must not unlink a path the successor serves.
+                # Closing it must not unlink a path the successor serves, and
+                # draining it must leave the queue to the successor.
                 item._lsock.unlink_path = None
+                item._handed_off = True
     return proc
 
 

@@ -17,8 +17,9 @@ import attrs
 import trio
 
 from ._accept import Acceptor
-from ._backlog import accept_queue
-from ._errors import ErrorLog
+from ._backlog import BACKLOG_MAX, accept_queue
+from ._connection import Connections
+from ._errors import GroupedLog
 from ._flags import Flag
 from ._gate import Gate
 from ._handlers import Handlers
@@ -26,6 +27,7 @@ from ._options import (
     ListenerOptions,
     check_max_connections,
     check_seconds,
+    default_max_pending,
     warn_if_fd_limit_below,
 )
 from ._proxy_gate import ProxyGate, trusted_networks
@@ -76,25 +78,24 @@ class ConnListener:
 
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _sockname: Any = attrs.field(init=False)
-    _handler_error_count: int = attrs.field(default=0, init=False)
-    _tls_failures: int = attrs.field(default=0, init=False)
     _proxy: ProxyGate | None = attrs.field(default=None, init=False)
-    _acceptor: Acceptor = attrs.field(init=False)
-    _handlers: Handlers = attrs.field(init=False)
     _gate: Gate = attrs.field(init=False)
+    _conns: Connections = attrs.field(init=False)
+    _handlers: Handlers = attrs.field(init=False)
+    _acceptor: Acceptor = attrs.field(init=False)
+    # Set by hand_off(): the successor holds the socket and its queue.
+    _handed_off: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._sockname = self._lsock.std.getsockname()
+        self._sockname = sockname = self._lsock.std.getsockname()
         options = self._options
         if options["proxy_protocol"]:
             self._proxy = ProxyGate(
                 trusted_networks(options["proxy_trusted"]),
                 options["proxy_timeout"],
-                self._sockname,
+                sockname,
             )
-        self._acceptor = Acceptor(self, ErrorLog(logger, self._sockname))
-        self._handlers = Handlers(self)
-        self._gate = Gate(
+        self._gate = gate = Gate(
             self._flags,
             self._cb,
             self._args,
@@ -102,8 +103,22 @@ class ConnListener:
             self._error_args,
             options["max_connections"],
             release=self._release,
-            wake=self._acceptor.wake,
+            wake=self._wake,
         )
+        handler_log = GroupedLog(
+            logger, f"handlers of {sockname!r} raised", "handler_errors"
+        )
+        self._conns = Connections(
+            self, self._flags, options, self._proxy, gate.lock, handler_log
+        )
+        self._handlers = Handlers(
+            gate,
+            self._conns,
+            self._slot_freed,
+            self._wake_acceptor,
+            options["max_pending"] or default_max_pending(options["max_connections"]),
+        )
+        self._acceptor = Acceptor(self, self._lsock, gate, self._handlers, handler_log)
 
     # ------------------------------------------------------------------
     # Public, non-blocking API
@@ -183,21 +198,23 @@ class ConnListener:
         """
         gate = self._gate
         queue = None if gate.closed else accept_queue(self._lsock.std)
-        acceptor = self._acceptor
+        acceptor, handlers, conns = self._acceptor, self._handlers, self._conns
         with gate.lock:
             return ListenerStatistics(
                 accepted=acceptor.accepted,
-                active=self._handlers.active,
+                active=handlers.active,
+                pending=handlers.pending,
                 errors=acceptor.errors,
                 retried=acceptor.retried,
                 paused_by_errors=acceptor.resume_at > _now(),
                 backoff=acceptor.backoff.current,
-                handler_errors=self._handler_error_count,
-                tls_failures=self._tls_failures,
+                handler_errors=conns.handler_errors,
+                tls_failures=conns.tls_failures,
                 proxy_rejected=0 if self._proxy is None else self._proxy.rejected,
                 enabled=gate.enabled,
                 closed=gate.closed,
                 max_connections=gate.max_connections,
+                max_pending=handlers.max_pending,
                 queue_depth=None if queue is None else queue[0],
                 queue_limit=None if queue is None else queue[1],
                 backlog=self._lsock.backlog if queue is None else queue[1],
@@ -302,13 +319,17 @@ class ConnListener:
         await self._handlers.wait_draining()
 
     async def drain(self, grace: float | None = None) -> DrainResult:
-        """Stop accepting, ask handlers to finish, wait, then cancel the rest.
+        """Serve what is queued, stop accepting, let handlers finish, cancel the rest.
 
-        In order: :meth:`close` (nothing more is accepted), set
-        :attr:`draining` (waking :meth:`wait_draining`), wait up to
-        ``grace`` seconds (``None``: as long as it takes) for the running
-        handlers to return, cancel those still running, and wait for them
-        to unwind.
+        In order: set :attr:`draining` (waking :meth:`wait_draining`);
+        accept the connections the kernel has already queued (they completed
+        their TCP handshake, so closing the socket now would reset them),
+        even on a disabled listener, up to the queue's limit and within
+        ``grace``; :meth:`close` (nothing more is accepted); wait, until
+        ``grace`` seconds after the drain began (``None``: as long as it
+        takes; a WARNING after 10 s and every 60 s names how many still
+        run), for the handlers to return; cancel those still running, and
+        wait for them to unwind.
 
         Only the handler tasks this listener started are cancelled: with
         ``handler_nursery=`` the nursery and its other tasks are untouched.
@@ -322,8 +343,8 @@ class ConnListener:
             grace: seconds to wait before cancelling, ``>= 0``, or ``None``.
 
         Returns:
-            A :class:`DrainResult`: how many handlers finished by themselves
-            and how many were cancelled.
+            A :class:`DrainResult`: how many handlers finished by themselves,
+            how many raised, and how many were cancelled.
 
         Raises:
             TypeError: ``grace`` is not a number of seconds or ``None``.
@@ -333,8 +354,28 @@ class ConnListener:
         """
         check_seconds("grace", grace, optional=True)
         self._gate.check_thread("drain")
+        start = self._handlers.begin_drain()
+        deadline = math.inf if grace is None else trio.current_time() + grace
+        queued = self._queued()
+        if queued:
+            with trio.move_on_at(deadline):
+                await self._acceptor.sweep(queued)
         self.close()
-        return await self._handlers.drain(grace)
+        return await self._handlers.finish_drain(start, deadline)
+
+    def _queued(self) -> int:
+        """How many queued connections a drain takes: those queued now.
+
+        Read from ``TCP_INFO``; where that is unknown (a Unix socket), up to
+        one full queue. None once the socket was handed to a successor
+        (:func:`hand_off`): the queue is the successor's then.
+        """
+        if self._handed_off or self._lsock.closed_underfoot():
+            return 0
+        queue = accept_queue(self._lsock.std)
+        if queue is not None:
+            return queue[0]
+        return self._lsock.backlog or BACKLOG_MAX
 
     def close(self) -> None:
         """Stop accepting, for good (``evconnlistener_free``).
@@ -362,8 +403,23 @@ class ConnListener:
         self.close()
         await trio.lowlevel.checkpoint()
 
+    # ------------------------------------------------------------------
+    # What the stages call back (wired in __attrs_post_init__)
+
     def _release(self) -> None:
         self._lsock.release(close=bool(self._flags & Flag.CLOSE_ON_FREE))
+
+    def _wake(self) -> None:
+        # The gate may have opened: the accept task re-reads it, and a raised
+        # cap gives waiting connections their slots.
+        self._acceptor.wake()
+        self._handlers.promote()
+
+    def _wake_acceptor(self) -> None:
+        self._acceptor.wake()
+
+    def _slot_freed(self) -> bool:
+        return self._acceptor.slot_freed()
 
 
 def _now() -> float:

@@ -135,29 +135,63 @@ async def open_listener(
                 yield listener
             except BaseException as exc:
                 body_error = exc
-                raise
-            finally:
                 listener.close()
-            if handler_nursery is None:
-                # A normal exit drains: handlers see listener.draining, get
-                # drain_timeout to finish, then are cancelled.
-                await listener.drain(drain_timeout)
-    except BaseExceptionGroup as group:
-        # Handlers' errors come from the handler nursery's host task, one
-        # group deeper: lift them to this level, as if handlers were direct
-        # children of this nursery.
-        spliced = _splice(group, listener._handlers.group)
-        # The nursery is ours, not the caller's: an exception from the body
-        # alone (KeyboardInterrupt, the caller's own error) comes out as it
-        # went in. Errors of the listener itself stay in their group.
-        if body_error is None or not _is_only(spliced, body_error):
-            if spliced is group:
                 raise
-            spliced.__suppress_context__ = True
-            raise spliced.with_traceback(group.__traceback__) from group.__cause__
+            if handler_nursery is None:
+                # A normal exit drains: handlers see listener.draining, what
+                # the kernel queued is served, handlers get drain_timeout to
+                # finish, then are cancelled.
+                await listener.drain(drain_timeout)
+            else:
+                listener.close()
+    except BaseExceptionGroup as group:
+        error = _shape(group, listener._handlers.group, body_error)
     else:
         return
-    raise body_error
+    raise error
+
+
+def _shape(
+    group: BaseExceptionGroup[BaseException],
+    handlers_group: BaseException | None,
+    body_error: BaseException | None,
+) -> BaseException:
+    """What leaves ``open_listener`` when its nursery raised ``group``.
+
+    * Handlers' errors come from the handler nursery's host task, one group
+      deeper: they are lifted to this level, as if handlers were direct
+      children of this nursery.
+    * A ``KeyboardInterrupt`` or ``SystemExit`` leaves bare, wherever it was
+      raised (the block, a handler, a callback), so that ``except
+      KeyboardInterrupt`` around ``trio.run`` works under load too; whatever
+      else failed with it is kept as its ``__context__``.
+    * The nursery is ours, not the caller's: an exception from the block
+      alone comes out as it went in. Errors of the listener itself stay in
+      their group.
+    """
+    spliced = _splice(group, handlers_group)
+    exits, rest = spliced.split((KeyboardInterrupt, SystemExit))
+    if exits is not None:
+        if isinstance(body_error, (KeyboardInterrupt, SystemExit)):
+            leaving: BaseException = body_error
+        else:
+            leaving = _leaves(exits)[0]
+        if rest is not None:
+            leaving.__context__ = rest
+        return leaving
+    if body_error is not None and _is_only(spliced, body_error):
+        return body_error
+    if spliced is not group:
+        spliced.__suppress_context__ = True
+        spliced.__cause__ = group.__cause__
+        return spliced.with_traceback(group.__traceback__)
+    return group
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 def _splice(

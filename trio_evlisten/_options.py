@@ -164,6 +164,22 @@ class ListenerOptions(TypedDict, total=False):
             Cli("N", _int_or_none),
         ),
     ]
+    max_pending: Annotated[
+        int | None,
+        Option(
+            None,
+            check_max_connections,
+            "with ``proxy_protocol=`` or ``ssl_context=``: at this many "
+            "connections accepted but not yet handed to a handler (in their "
+            "PROXY header or TLS handshake, or waiting for a slot of "
+            "``max_connections``), stop accepting until one is. Pending "
+            "connections hold no handler slot, so slow handshakes cannot "
+            "starve honest clients of handlers. ``None``: what the file "
+            "descriptors allow, ``RLIMIT_NOFILE`` minus ``max_connections`` "
+            "minus a reserve of 64 (at least 64).",
+            Cli("N", _int_or_none),
+        ),
+    ]
     drain_timeout: Annotated[
         float | None,
         Option(
@@ -315,24 +331,57 @@ def resolve(
     return resolved
 
 
-def warn_if_fd_limit_below(max_connections: int | None, *, stacklevel: int) -> None:
-    """Warn (:class:`ResourceLimitWarning`) if the fds cannot cover the cap."""
-    if max_connections is None:
-        return
+#: The fewest pending connections the fd budget's default allows.
+MIN_PENDING: Final = 64
+#: The default ``max_pending`` where ``RLIMIT_NOFILE`` is unlimited.
+UNLIMITED_PENDING: Final = 65536
+
+
+def _fd_soft_limit() -> int | None:
     try:
         import resource
     except ImportError:  # pragma: no cover - Windows
-        return
+        return None
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= max_connections + FD_RESERVE:
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def default_max_pending(max_connections: int | None) -> int:
+    """``max_pending=None``: what the file descriptors leave for handshakes."""
+    soft = _fd_soft_limit()
+    if soft is None:
+        return UNLIMITED_PENDING
+    return max(soft - FD_RESERVE - (max_connections or 0), MIN_PENDING)
+
+
+def warn_if_fd_limit_below(
+    max_connections: int | None, max_pending: int | None = None, *, stacklevel: int
+) -> None:
+    """Warn (:class:`ResourceLimitWarning`) if the fds cannot cover the bounds.
+
+    ``max_pending`` counts only where it was given (and a preamble makes
+    connections pend); its default is made to fit.
+    """
+    if max_connections is None and max_pending is None:
         return
+    soft = _fd_soft_limit()
+    need = (max_connections or 0) + (max_pending or 0) + FD_RESERVE
+    if soft is None or soft >= need:
+        return
+    asked = " + ".join(
+        f"{name}={value}"
+        for name, value in (
+            ("max_connections", max_connections),
+            ("max_pending", max_pending),
+        )
+        if value is not None
+    )
     warnings.warn(
         ResourceLimitWarning(
-            f"max_connections={max_connections} needs about "
-            f"{max_connections + FD_RESERVE} file descriptors "
+            f"{asked} needs about {need} file descriptors "
             f"(+{FD_RESERVE} in reserve), but RLIMIT_NOFILE's soft limit is "
-            f"{soft}: accept() will fail with EMFILE before the cap is "
-            "reached; raise it (ulimit -n, LimitNOFILE=) or lower max_connections"
+            f"{soft}: accept() will fail with EMFILE before the bound is "
+            "reached; raise it (ulimit -n, LimitNOFILE=) or lower the bound"
         ),
         stacklevel=stacklevel + 1,
     )

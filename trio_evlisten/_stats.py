@@ -15,6 +15,9 @@ class ListenerStatistics:
     Attributes:
         accepted: connections accepted since the listener opened.
         active: handlers running now.
+        pending: connections accepted whose handler has not started: still
+            in their PROXY header or TLS handshake, or waiting for a handler
+            slot (``max_connections``). Always 0 without a preamble.
         errors: ``accept()`` errors reported (out-of-resources and fatal
             ones; the silently retried kind is counted in ``retried``).
         retried: ``accept()`` errors retried at once (``ECONNABORTED`` and
@@ -34,6 +37,7 @@ class ListenerStatistics:
         closed: as :attr:`ConnListener.closed`.
         max_connections: the cap on running handlers, or ``None`` (see
             :meth:`ConnListener.set_max_connections`).
+        max_pending: the bound on ``pending``.
         queue_depth: connections waiting in the kernel's accept queue now
             (Linux ``TCP_INFO``'s ``tcpi_unacked`` on a listening socket);
             ``None`` for a Unix socket, on other platforms, or once closed.
@@ -47,6 +51,7 @@ class ListenerStatistics:
 
     accepted: int
     active: int
+    pending: int
     errors: int
     retried: int
     paused_by_errors: bool
@@ -57,6 +62,7 @@ class ListenerStatistics:
     enabled: bool
     closed: bool
     max_connections: int | None
+    max_pending: int
     queue_depth: int | None = None
     queue_limit: int | None = None
     backlog: int | None = None
@@ -65,14 +71,21 @@ class ListenerStatistics:
 @final
 @attrs.frozen
 class DrainResult:
-    """What :meth:`ConnListener.drain` did with the handlers it found running.
+    """What :meth:`ConnListener.drain` did with the connections it served.
+
+    Counted over the whole drain: the handlers running when it began, and
+    those it started for the connections the kernel had queued.
 
     Attributes:
-        finished: handlers that returned (or raised) by themselves within
-            the grace period.
-        cancelled: handlers still running when the grace period ended,
-            which the drain cancelled.
+        finished: handlers that returned by themselves within the grace
+            period (a peer that went away counts here too).
+        failed: handlers that raised an exception within the grace period
+            (each also counted in ``statistics().handler_errors``).
+        cancelled: handlers (and connections still in their PROXY header or
+            TLS handshake) running when the grace period ended, which the
+            drain cancelled.
     """
 
     finished: int
+    failed: int
     cancelled: int

@@ -72,6 +72,7 @@ DEFAULT_HANDLER: Final = "trio_evlisten.workers:echo"
 #: checks and help come from :mod:`._options`).
 WORKER_OPTIONS: Final = (
     "max_connections",
+    "max_pending",
     "drain_timeout",
     "proxy_protocol",
     "proxy_trusted",
