@@ -5,15 +5,39 @@ from __future__ import annotations
 import gc
 import json
 import os
+import ssl
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+import trustme
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from trio_evlisten import ConnListener
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """A certificate authority for TLS tests (trustme)."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_ctx(ca: trustme.CA) -> ssl.SSLContext:
+    """A server context with a certificate for 127.0.0.1 and localhost."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture
+def client_ctx(ca: trustme.CA) -> ssl.SSLContext:
+    """A client context that trusts :func:`ca`."""
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
 
 
 def count_fds() -> int:

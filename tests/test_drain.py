@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -269,3 +270,90 @@ async def test_drain_grace_is_checked(grace: Any, error: type[Exception]) -> Non
                 await listener.drain(grace)
             assert not listener.closed
             assert not listener.draining
+
+
+# ----------------------------------------------------------------------
+# Nothing the kernel queued is lost; nothing waits in silence
+
+
+async def answer_once(
+    listener: ConnListener, conn: trio.SocketStream, addr: Any
+) -> None:
+    await conn.send_all(await recv_exactly(conn, 3) + b".")
+
+
+@pytest.mark.parametrize("how", ["drain", "leave the block"])
+async def test_connections_queued_when_drain_begins_are_served(how: str) -> None:
+    n = 50
+    with trio.fail_after(10):
+        async with contextlib.AsyncExitStack() as clients:
+            async with open_listener(answer_once, address=LOCAL, flags=FREE) as lst:
+                # Disabled: every connection completes its TCP handshake and
+                # waits in the kernel's accept queue.
+                lst.disable()
+                streams = []
+                for i in range(n):
+                    stream = await clients.enter_async_context(
+                        await open_stream_to(lst)
+                    )
+                    await stream.send_all(b"%03d" % i)
+                    streams.append(stream)
+                assert lst.statistics().queue_depth == n
+                if how == "drain":
+                    result = await lst.drain(5)
+                    assert result == DrainResult(finished=n, failed=0, cancelled=0)
+            # Every one was accepted and answered: none reset, none silent.
+            for i, stream in enumerate(streams):
+                assert await recv_exactly(stream, 4) == b"%03d." % i
+            assert lst.statistics().accepted == n
+
+
+async def test_a_drain_waiting_on_handlers_warns_after_10_s_then_every_60_s(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = trio.Event()
+
+    async def stuck(listener: ConnListener, conn: trio.SocketStream, addr: Any) -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(1000):
+        async with (
+            open_listener(stuck, address=LOCAL, flags=FREE, drain_timeout=0) as lst,
+            await open_stream_to(lst),
+        ):
+            await started.wait()
+            t0 = trio.current_time()
+            with trio.move_on_after(135):
+                await lst.drain()
+    warnings = [
+        (r.created, r.getMessage())
+        for r in caplog.records
+        if r.name == "trio_evlisten" and r.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 3  # at 10, 70 and 130 s
+    for _, message in warnings:
+        assert "still waiting for 1 handler(s)" in message
+    assert [m.split(" after ")[1] for _, m in warnings] == ["10 s", "70 s", "130 s"]
+    assert trio.current_time() >= t0 + 135
+
+
+async def test_drain_counts_handlers_that_raise_apart() -> None:
+    go = trio.Event()
+
+    async def fails_on_drain(
+        listener: ConnListener, conn: trio.SocketStream, addr: Any
+    ) -> None:
+        go.set()
+        await listener.wait_draining()
+        raise ValueError("failing while finishing up")
+
+    with trio.fail_after(5):
+        async with (
+            open_listener(fails_on_drain, address=LOCAL, flags=FREE) as lst,
+            await open_stream_to(lst),
+        ):
+            await go.wait()
+            result = await lst.drain(5)
+    assert result == DrainResult(finished=0, failed=1, cancelled=0)
+    assert lst.statistics().handler_errors == 1

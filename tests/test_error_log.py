@@ -101,3 +101,46 @@ async def test_sustained_errors_never_log_more_than_one_line_per_interval(
     assert counts[0] == 1
     assert log_times.seen[-1][2].endswith("; listener closed")
     assert closed_at == pytest.approx(end)
+
+
+async def test_handler_errors_are_grouped_like_accept_errors(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that can make a handler raise must not be able to flood the log."""
+
+    async def raises(listener: object, conn: trio.SocketStream, addr: object) -> None:
+        kind = await conn.receive_some()
+        raise {b"v": ValueError, b"k": KeyError}[kind](kind)
+
+    async def make_it_raise(lst: object, kind: bytes) -> None:
+        async with await open_stream_to(lst) as client:  # type: ignore[arg-type]
+            await client.send_all(kind)
+            assert await client.receive_some() == b""
+
+    caplog.set_level(logging.ERROR, logger="trio_evlisten")
+    with trio.fail_after(100):
+        async with open_listener(raises, address=("127.0.0.1", 0)) as lst:
+            t0 = trio.current_time()
+            for kind in (b"v", b"v", b"k", b"v"):  # 4 at t0
+                await make_it_raise(lst, kind)
+            await trio.sleep(25)
+            # t0 + 25: 10 s after the summary line, so a new burst, in full.
+            await make_it_raise(lst, b"k")
+            await trio.sleep(1)
+            stats = lst.statistics()
+            lst.socket.close()
+    records = [(r.getMessage(), r.exc_info) for r in caplog.records]
+    assert stats.handler_errors == 5
+    assert len(records) == 3
+    (first, first_exc), (summary, no_exc), (_, again_exc) = records
+    assert first.startswith("handler for ")
+    assert first_exc is not None
+    assert first_exc[0] is ValueError
+    # At t0 + 10, written by the accept task's timer, not by a new error.
+    assert summary.startswith(f"handlers of {lst.sockname!r} raised: ")
+    assert "ValueError \u00d72, KeyError \u00d71 in 10.0 s" in summary
+    assert "(last: ValueError(b'v') from " in summary
+    assert no_exc is None
+    assert again_exc is not None
+    assert again_exc[0] is KeyError
+    assert trio.current_time() >= t0 + 26

@@ -110,8 +110,14 @@ async def open_listener(
     resolved = resolve(options, flags)
     handler_nursery = resolved["handler_nursery"]
     drain_timeout = resolved["drain_timeout"]
+    # Pending connections hold fds only where a preamble makes them pend.
+    preamble = resolved["proxy_protocol"] or resolved["ssl_context"] is not None
     # Points at the caller's ``async with`` (through __aenter__).
-    warn_if_fd_limit_below(resolved["max_connections"], stacklevel=3)
+    warn_if_fd_limit_below(
+        resolved["max_connections"],
+        resolved["max_pending"] if preamble else None,
+        stacklevel=3,
+    )
     lsock = await make_listening_socket(
         address=address, sock=sock, flags=flags, backlog=backlog
     )
@@ -164,7 +170,9 @@ def _shape(
     * A ``KeyboardInterrupt`` or ``SystemExit`` leaves bare, wherever it was
       raised (the block, a handler, a callback), so that ``except
       KeyboardInterrupt`` around ``trio.run`` works under load too; whatever
-      else failed with it is kept as its ``__context__``.
+      else failed with it is kept as its ``__cause__`` (its ``__context__``
+      is taken by the exception Python is handling when it leaves), so a
+      traceback still shows it.
     * The nursery is ours, not the caller's: an exception from the block
       alone comes out as it went in. Errors of the listener itself stay in
       their group.
@@ -177,7 +185,7 @@ def _shape(
         else:
             leaving = _leaves(exits)[0]
         if rest is not None:
-            leaving.__context__ = rest
+            leaving.__cause__ = rest
         return leaving
     if body_error is not None and _is_only(spliced, body_error):
         return body_error
