@@ -92,6 +92,10 @@ def http_date() -> bytes:
     return _date[1]
 
 
+class _Drained(Exception):
+    """A drain ended the wait for a request of which no byte had come."""
+
+
 class HTTPConnection:
     """One client's connection: the stream, h11's state and our deadlines.
 
@@ -105,8 +109,11 @@ class HTTPConnection:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER)
         self.idle_timeout = idle_timeout
-        #: The deadline scope of a wait for the next request while no byte
-        #: of it has arrived: draining cancels it; a request begun finishes.
+        #: Requests answered so far.
+        self.served = 0
+        #: The scope of a wait for a further request of which no byte has
+        #: come: draining cancels it. It holds that one receive and nothing
+        #: else, so a request that has begun is always finished.
         self.idle: trio.CancelScope | None = None
 
     async def serve(self, drain: Drain | None) -> None:
@@ -118,15 +125,13 @@ class HTTPConnection:
             return
 
     async def _serve(self, drain: Drain | None) -> None:
-        served = 0
         while True:
             # A drain that began during the last response ends it here; the
             # first request is always served (the listener hands us only
             # connections it accepted before or while draining began).
-            if served and drain is not None and drain.draining:
+            if self.served and drain is not None and drain.draining:
                 break
             with trio.move_on_after(self.idle_timeout) as deadline:
-                self.idle = deadline if served else None
                 try:
                     request = await self._next_request()
                     if request is None:
@@ -136,10 +141,11 @@ class HTTPConnection:
                 except h11.RemoteProtocolError as exc:
                     await self._send_error(exc.error_status_hint)
                     break
-            self.idle = None
+                except _Drained:
+                    break
             if deadline.cancelled_caught:
-                # Idle (or drained) between requests: just close. Half-way
-                # through one: say why, as far as the client still listens.
+                # Idle between requests: just close. Half-way through one:
+                # say why, as far as the client still listens.
                 if self._request_begun():
                     with trio.move_on_after(LINGER):
                         await self._send_error(HTTPStatus.REQUEST_TIMEOUT)
@@ -147,7 +153,7 @@ class HTTPConnection:
             if self.h11.our_state is h11.MUST_CLOSE:
                 break
             self.h11.start_next_cycle()
-            served += 1
+            self.served += 1
         await self._close()
 
     async def close_idle_on_drain(self, drain: Drain) -> None:
@@ -157,8 +163,7 @@ class HTTPConnection:
             self.idle.cancel()
 
     def _request_begun(self) -> bool:
-        data, _closed = self.h11.trailing_data
-        return bool(data) or self.h11.their_state is not h11.IDLE
+        return self.h11.their_state is not h11.IDLE or bool(self.h11.trailing_data[0])
 
     async def _next_event(self) -> h11.Event | type[h11.NEED_DATA | h11.PAUSED]:
         # (never NEED_DATA: it loops until h11 has more than that)
@@ -168,10 +173,26 @@ class HTTPConnection:
                 return event
             if self.h11.they_are_waiting_for_100_continue:
                 await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-            data = await self.stream.receive_some(MAX_RECV)
-            if data:
-                self.idle = None  # a request has begun: a drain lets it finish
-            self.h11.receive_data(bytes(data))
+            self.h11.receive_data(bytes(await self._receive()))
+
+    async def _receive(self) -> bytes | bytearray:
+        """Some bytes from the client (b"" at EOF).
+
+        Raises:
+            _Drained: a drain began while no byte of a further request had
+                come (the first request is always waited for).
+        """
+        if self.served == 0 or self._request_begun():
+            return await self.stream.receive_some(MAX_RECV)
+        # Between requests: the only wait a drain may cut short. Nothing
+        # but the receive is in the scope, so bytes that came are never lost.
+        self.idle = trio.CancelScope()
+        try:
+            with self.idle:
+                return await self.stream.receive_some(MAX_RECV)
+        finally:
+            self.idle = None
+        raise _Drained
 
     async def _next_request(self) -> h11.Request | None:
         """The next request's head, or None if the client closed instead."""
@@ -316,7 +337,8 @@ async def main(host: str, port: int) -> None:
         flags=Flag.CLOSE_ON_FREE | Flag.REUSEABLE,
         drain_timeout=DRAIN_TIMEOUT,
     ) as listener:
-        print(f"HTTP server listening on {host}:{listener.port}", flush=True)
+        where = f"[{host}]" if ":" in host else host
+        print(f"HTTP server listening on {where}:{listener.port}", flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 break

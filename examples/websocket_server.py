@@ -127,7 +127,8 @@ async def main(host: str, port: int) -> None:
         flags=Flag.CLOSE_ON_FREE | Flag.REUSEABLE,
         drain_timeout=DRAIN_TIMEOUT,
     ) as listener:
-        print(f"WebSocket server listening on {host}:{listener.port}", flush=True)
+        where = f"[{host}]" if ":" in host else host
+        print(f"WebSocket server listening on {where}:{listener.port}", flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 break

@@ -499,3 +499,19 @@ async def test_trio_serve_tcp_serves_the_same_function() -> None:
                 response, body = await Client(stream).request()
             assert (response.status_code, body) == (200, b"Hello, world!\n")
             nursery.cancel_scope.cancel()
+
+
+def test_bind_failure_is_reported() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, str(HTTP_SERVER), str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 1
+    assert done.stderr.startswith("Couldn't create listener:")
+    assert "Address already in use" in done.stderr
