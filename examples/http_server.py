@@ -136,8 +136,7 @@ class HTTPConnection:
                     request = await self._next_request()
                     if request is None:
                         return  # the client closed between requests
-                    closing = drain is not None and drain.draining
-                    await self._respond(request, closing=closing)
+                    await self._respond(request, drain)
                 except h11.RemoteProtocolError as exc:
                     await self._send_error(exc.error_status_hint)
                     break
@@ -215,9 +214,12 @@ class HTTPConnection:
             if size > MAX_BODY:
                 return False
 
-    async def _respond(self, request: h11.Request, *, closing: bool) -> None:
+    async def _respond(self, request: h11.Request, drain: Drain | None) -> None:
         extra: list[tuple[bytes, bytes]] = []
-        if not await self._read_body():
+        body_read = await self._read_body()
+        # Draining: this is the last response, and it says so.
+        closing = drain is not None and drain.draining
+        if not body_read:
             status, closing = HTTPStatus.REQUEST_ENTITY_TOO_LARGE, True
         elif request.target.split(b"?", 1)[0] != b"/":
             status = HTTPStatus.NOT_FOUND
