@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from pathlib import Path
 
 BASELINE: Final = "trio"
@@ -96,6 +96,40 @@ class Cell:
             m["procs"] = float(out["server_procs"])
         return cls(server, workload, not problem, problem, m if not problem else {})
 
+    @classmethod
+    def from_wrk(cls, server: str, workload: Workload, out: dict[str, Any]) -> Cell:
+        """Metrics from wrk's summary (benchmarks/wrk.py); failed if wrk saw
+        a socket error or a status of 400 or more (wrk counts those)."""
+        requests, status = int(out["requests"]), int(out["status"])
+        socket_errors = {
+            k: int(out[k]) for k in ("connect", "read", "write", "timeout")
+        }
+        problem = ""
+        if status:
+            problem = f"{status} non-2xx responses"
+        elif any(socket_errors.values()):
+            problem = "socket errors " + ", ".join(
+                f"{k} {v}" for k, v in socket_errors.items()
+            )
+        elif requests == 0:
+            problem = "no request completed"
+        if problem:
+            return cls.failed(server, workload, problem)
+        cpu = float(out["cpu_s"])
+        return cls(
+            server,
+            workload,
+            True,
+            "",
+            {
+                "per_s": requests / (int(out["duration_us"]) / 1e6),
+                "p50_us": float(out["p50_us"]),
+                "p99_us": float(out["p99_us"]),
+                "cpu_us": cpu / requests * 1e6,
+                "procs": float(out["server_procs"]),
+            },
+        )
+
     def as_json(self) -> dict[str, Any]:
         return {
             "server": self.server,
@@ -128,6 +162,12 @@ COLUMNS: Final[dict[str, list[tuple[str, str, bool]]]] = {
     ],
     "bulk": [("mb_s", "MB/s echoed", True), ("cpu_ms_mb", "server CPU ms/MB", True)],
     "idle": [("kib_conn", "server KiB/conn (VmRSS)", True)],
+    "http": [
+        ("per_s", "requests/s", True),
+        ("p50_us", "p50 µs", False),
+        ("p99_us", "p99 µs", False),
+        ("cpu_us", "server CPU µs/req", True),
+    ],
 }
 
 #: (workload, metric, label) of the headline ratios ours / trio.serve_tcp.
@@ -138,6 +178,8 @@ HEADLINE: Final = [
     ("rt", "cpu_us", "server CPU per round trip"),
     ("bulk", "mb_s", "bulk MB/s"),
     ("idle", "kib_conn", "memory per idle connection"),
+    ("http", "per_s", "HTTP requests/s (h11, wrk)"),
+    ("http", "cpu_us", "server CPU per HTTP request"),
 ]
 
 
@@ -170,9 +212,16 @@ def tables(
     cells: Sequence[Cell],
     servers: Sequence[str],
     workloads: Sequence[Workload],
-    names: dict[str, str],
+    names: Mapping[str, str],
+    workload_names: Mapping[str, Mapping[str, str]] | None = None,
 ) -> str:
-    """Markdown tables, one per workload: median (min-max) over rounds."""
+    """Markdown tables, one per workload: median (min-max) over rounds.
+
+    A workload's table has a row for each server that ran in it (the http
+    workload runs only some); ``workload_names`` describes a server where
+    it is a different program in one workload (``ours`` is the echo example
+    in the echo workloads, the HTTP example in http).
+    """
     out: list[str] = []
     head = [
         (wname, k, label)
@@ -198,10 +247,13 @@ def tables(
                 header.append("x trio")
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|")
+        described = {**names, **(workload_names or {}).get(w.name, {})}
         for s in servers:
             mine = [c for c in cells if c.server == s and c.workload.name == w.name]
+            if not mine and w.name in (workload_names or {}):
+                continue  # not a server of this workload
             bad = sum(not c.ok for c in mine)
-            label_s = f"{s} ({names.get(s, s)})"
+            label_s = f"{s} ({described.get(s, s)})"
             if bad:
                 label_s += f" **{bad}/{len(mine)} rounds FAILED**"
             row = [label_s]
@@ -263,7 +315,7 @@ def markdown(
         if max(load) > 2.5
         else " (the benchmark's own is ~2: no other significant load)."
     )
-    return f"""# Benchmarks: echo servers side by side
+    return f"""# Benchmarks: echo and HTTP servers side by side
 
 Produced by `{command}` on {date} in {elapsed:.0f} s. Regenerate with
 `python -m benchmarks` (about 10-15 minutes); `python -m benchmarks --smoke`
@@ -277,7 +329,8 @@ the end{busy}
 once per workload, each cell in a fresh server process. Figures are the
 median over rounds, with (min-max).
 
-How it is measured (benchmarks/run.py, benchmarks/c/loadgen.c):
+How it is measured (benchmarks/run.py, benchmarks/c/loadgen.c,
+benchmarks/wrk.py):
 
 - The load generator is C (epoll, one thread per CPU it is pinned to) and
   checks every echoed byte; the server's CPU time (utime+stime from
@@ -293,7 +346,7 @@ How it is measured (benchmarks/run.py, benchmarks/c/loadgen.c):
   round trips. bulk: 8 connections streaming with 256 KiB in flight each.
   idle: 5,000 connections, each after one round trip, held; memory is the
   server's VmRSS growth divided by 5,000.
-- Servers: `ours` is `examples/echo.py` (trio_evlisten, CLOSE_ON_FREE |
+- Echo servers: `ours` is `examples/echo.py` (trio_evlisten, CLOSE_ON_FREE |
   REUSEABLE); `trio` is `trio.serve_tcp` with the same handler; the asyncio,
   uvloop, libevent and epoll servers are in benchmarks/pyservers.py and
   benchmarks/c/.
@@ -302,6 +355,15 @@ How it is measured (benchmarks/run.py, benchmarks/c/loadgen.c):
   socket on the port (SO_REUSEPORT), the kernel spreading connections over
   them; the harness waits until both workers listen before the load starts.
 {workers_note}
+- http: `wrk` (keep-alive, 50 connections, one thread per load-generator
+  CPU, pinned there) sends `GET /` and gets a 14-byte body. `ours` is
+  `examples/http_server.py` (h11 on trio_evlisten), `trio` is the same
+  `serve_http` function on `trio.serve_tcp`, `asyncio-streams` is
+  `asyncio.start_server` with h11 and the same responses. The server's CPU
+  time is read from /proc right before wrk starts and right after it exits
+  (benchmarks/wrk.py), so CPU per request also carries the 50 connects and
+  closes; requests/s and latencies are wrk's own. A socket error or a status
+  of 400 or more fails the cell.
 
 ![chart](bench.png)
 
@@ -315,7 +377,8 @@ def write_chart(
     workloads: Sequence[Workload],
     path: Path,
 ) -> None:
-    """Six horizontal bar panels: median with a min-max whisker per server."""
+    """Horizontal bar panels, two per workload (one for idle): median with a
+    min-max whisker per server that ran in it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,6 +393,8 @@ def write_chart(
             ("rt", "cpu_us", "server CPU µs per round trip (lower)"),
             ("bulk", "mb_s", "bulk MB/s echoed, 8 conns (higher)"),
             ("idle", "kib_conn", "server KiB per idle connection (lower)"),
+            ("http", "per_s", "HTTP requests/s, h11, 50 conns (higher)"),
+            ("http", "cpu_us", "server CPU µs per HTTP request (lower)"),
         ]
         if w in {x.name for x in workloads}
     ]
@@ -339,8 +404,9 @@ def write_chart(
     nrows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(nrows, ncols, figsize=(12, 3.2 * nrows), squeeze=False)
     colors = {OURS: "#e66101", OURS_WORKERS: "#fdb863", BASELINE: "#5e3c99"}
-    order = list(reversed(servers))
     for ax, (w, k, label) in zip(axes.flat, panels, strict=False):
+        ran = {c.server for c in cells if c.workload.name == w}
+        order = [s for s in reversed(servers) if s in ran]
         meds, lo, hi = [], [], []
         for s in order:
             vs = values(cells, s, w, k)
@@ -364,7 +430,9 @@ def write_chart(
         ax.set_xlim(0, right * 1.18)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.suptitle("Echo servers on loopback: median over rounds, whiskers min-max")
+    fig.suptitle(
+        "Echo and HTTP servers on loopback: median over rounds, whiskers min-max"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Run echo servers side by side under the same load and compare them.
+"""Run servers side by side under the same load and compare them.
 
 One command builds the C programs (the load generator and two C servers),
 then runs every (workload, server) cell once per round, servers interleaved
@@ -7,6 +7,14 @@ within a round, each cell in a fresh server process::
     python -m benchmarks --smoke             # ~1 s per cell, what CI runs
     python -m benchmarks                     # full: 5 rounds, writes docs/
     python -m benchmarks --servers ours,trio --workloads rate,rt
+    python -m benchmarks --servers ours,trio --workloads http
+
+The echo workloads (rate, rt, bulk, idle) run every server. The http
+workload runs only the servers that speak HTTP/1.1 (``HTTP_SERVERS``):
+``ours`` is then ``examples/http_server.py`` (h11 on trio_evlisten) and
+``trio`` the same ``serve_http`` on ``trio.serve_tcp``; the load is ``wrk``
+(keep-alive ``GET /``), pinned like the load generator, and the server's CPU
+is read from /proc around wrk's run (see benchmarks/wrk.py).
 
 The server runs pinned to one CPU and the load generator (C, epoll, one
 thread per CPU it is given) to the others, with ``taskset``. Servers run
@@ -54,7 +62,7 @@ import attrs
 if __package__ in (None, ""):  # ``python benchmarks/run.py``
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import report
+from benchmarks import report, wrk
 from benchmarks.report import Cell, Machine, Workload
 
 if TYPE_CHECKING:
@@ -75,12 +83,20 @@ SERVERS: Final[dict[str, str]] = {
     "libevent-c": "C: libevent evconnlistener + bufferevent",
     "epoll-c": "C: minimal epoll loop (floor)",
 }
+#: The servers of the http workload (the others do not speak HTTP), as they
+#: are there: name -> description.
+HTTP_SERVERS: Final[dict[str, str]] = {
+    "ours": "trio_evlisten: examples/http_server.py, h11",
+    "trio": "trio.serve_tcp, the same serve_http",
+    "asyncio-streams": "asyncio.start_server + h11",
+}
 #: Listening sockets a server opens on its port (default 1): the harness
 #: waits for all of them, so every worker is accepting when the load starts.
 LISTENERS: Final[dict[str, int]] = {"ours-2w": 2}
 #: Selectable with --servers but never run by default: the harness's
 #: self-check, a server that corrupts the echo and must be reported FAILED.
 HIDDEN_SERVERS: Final = {"corrupt": "asyncio Protocol flipping a bit (self-check)"}
+HIDDEN_HTTP_SERVERS: Final = {"corrupt": "asyncio + h11, every 10th a 500 (self-check)"}
 
 WORKLOADS: Final[dict[str, Workload]] = {
     w.name: w
@@ -89,6 +105,7 @@ WORKLOADS: Final[dict[str, Workload]] = {
         Workload("rt", "64 B round trips, persistent", 100),
         Workload("bulk", "bulk streaming", 8),
         Workload("idle", "idle connections held", 5000),
+        Workload("http", "HTTP/1.1 keep-alive GET / (h11), wrk", 50),
     )
 }
 
@@ -104,9 +121,21 @@ class SetupError(Exception):
     """A tool or package the run needs is missing."""
 
 
-def server_argv(name: str, port: int, bindir: Path) -> list[str]:
-    """The command line that starts server ``name`` on ``port``."""
+def serves(server: str, workload: Workload) -> bool:
+    """Whether ``server`` takes part in ``workload`` (http: only HTTP servers)."""
+    if workload.name == "http":
+        return server in HTTP_SERVERS or server in HIDDEN_HTTP_SERVERS
+    return True
+
+
+def server_argv(name: str, port: int, bindir: Path, workload: Workload) -> list[str]:
+    """The command line that starts server ``name`` on ``port`` for ``workload``."""
     py = sys.executable
+    if workload.name == "http":
+        if name == "ours":
+            return [py, str(ROOT / "examples" / "http_server.py"), str(port)]
+        kind = {"trio": "trio", "asyncio-streams": "asyncio", "corrupt": "corrupt"}
+        return [py, str(PYSERVERS), f"{kind[name]}-http", str(port)]
     if name == "ours":
         return [py, str(ROOT / "examples" / "echo.py"), str(port)]
     if name == "ours-2w":
@@ -120,13 +149,18 @@ def server_argv(name: str, port: int, bindir: Path) -> list[str]:
     return [py, str(PYSERVERS), name, str(port)]
 
 
-def build(bindir: Path, servers: Sequence[str]) -> None:
+def build(bindir: Path, servers: Sequence[str], workloads: Sequence[Workload]) -> None:
     """Compile the load generator and the C servers that will run.
 
     Raises:
-        SetupError: gcc or libevent's pkg-config file is missing, or a
-            compile failed (its output is in the message).
+        SetupError: gcc or libevent's pkg-config file is missing, a compile
+            failed (its output is in the message), or the http workload is
+            to run and wrk is missing.
     """
+    if any(w.name == "http" for w in workloads) and not wrk.available():
+        raise SetupError(
+            "wrk not found (the http workload's load): apt-get install -y wrk"
+        )
     if shutil.which("gcc") is None:
         raise SetupError("gcc not found: apt-get install -y gcc")
     jobs: list[tuple[str, list[str]]] = [("loadgen", ["-pthread"])]
@@ -158,12 +192,17 @@ def build(bindir: Path, servers: Sequence[str]) -> None:
             raise SetupError(f"{shlex.join(cmd)} failed:\n{done.stderr}")
 
 
-def check_python_servers(servers: Sequence[str]) -> None:
+def check_python_servers(servers: Sequence[str], workloads: Sequence[Workload]) -> None:
     if "uvloop-protocol" in servers:
         try:
             import uvloop  # noqa: F401
         except ImportError as exc:
             raise SetupError("uvloop not installed: pip install uvloop") from exc
+    if any(w.name == "http" for w in workloads):
+        try:
+            import h11  # noqa: F401
+        except ImportError as exc:
+            raise SetupError("h11 not installed: pip install -e '.[bench]'") from exc
 
 
 def free_port() -> int:
@@ -265,8 +304,11 @@ def listening_sockets(port: int) -> int:
     return count
 
 
-def wait_ready(proc: subprocess.Popen[bytes], port: int, listeners: int = 1) -> None:
-    """Wait until ``listeners`` sockets listen on ``port`` and one echoes a byte.
+def wait_ready(
+    proc: subprocess.Popen[bytes], port: int, listeners: int = 1, *, http: bool = False
+) -> None:
+    """Wait until ``listeners`` sockets listen on ``port`` and one echoes a byte
+    (with ``http``: answers ``GET /`` with a 200).
 
     A multi-process server (``listeners`` > 1, one socket per worker with
     SO_REUSEPORT) is ready when every worker listens: otherwise the load's
@@ -280,6 +322,9 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, listeners: int = 1) -> 
             time.sleep(0.05)
             continue
         try:
+            if http:
+                wrk.probe(port)
+                return
             with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
                 s.sendall(b"!")
                 if s.recv(1) == b"!":
@@ -315,13 +360,18 @@ def run_cell(
                 # the server's bind: then try another one.
                 port = free_port()
                 argv = nofile_prefix() + pinned(
-                    server_argv(server, port, bindir), cpus[0]
+                    server_argv(server, port, bindir, workload), cpus[0]
                 )
                 errlog.seek(0)
                 errlog.truncate()
                 proc = procs.start(argv, stderr=errlog)
                 try:
-                    wait_ready(proc, port, LISTENERS.get(server, 1))
+                    wait_ready(
+                        proc,
+                        port,
+                        LISTENERS.get(server, 1),
+                        http=workload.name == "http",
+                    )
                     break
                 except RuntimeError:
                     procs.kill(proc)
@@ -349,6 +399,20 @@ def run_cell(
                         cpus[1],
                     )
                 )
+            if workload.name == "http":
+                summary = wrk.measure(
+                    port,
+                    proc.pid,
+                    conns=workload.conns,
+                    duration=duration,
+                    warmup=warmup,
+                    threads=len(cpus[1]) or 1,
+                    pin=lambda argv: pinned(argv, cpus[1]),
+                    timeout=warmup + duration + LOADGEN_SLACK,
+                )
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server died (status {proc.returncode})")
+                return Cell.from_wrk(server, workload, summary)
             lg = [
                 str(bindir / "loadgen"),
                 workload.name,
@@ -461,6 +525,11 @@ def main(args: Sequence[str]) -> int:
     workloads = [
         WORKLOADS[w] for w in parse_list(ns.workloads, dict(WORKLOADS), "workload")
     ]
+    if not any(serves(s, w) for s in servers for w in workloads):
+        raise SystemExit(
+            f"none of {', '.join(servers)} runs {', '.join(w.name for w in workloads)}"
+            f"; the http workload runs {', '.join(HTTP_SERVERS)}"
+        )
     settings = dict(SMOKE if ns.smoke else FULL)
     if ns.rounds is not None:
         settings["rounds"] = max(1, min(ns.rounds, 50))
@@ -479,14 +548,16 @@ def main(args: Sequence[str]) -> int:
     cells: list[Cell] = []
     with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="evl-bench-") as tmp:
         try:
-            check_python_servers(servers)
-            build(Path(tmp), servers)
+            check_python_servers(servers, workloads)
+            build(Path(tmp), servers, workloads)
         except SetupError as exc:
             print(f"benchmarks: {exc}", file=sys.stderr)
             return 2
         cpus = cpu_split()
+        ncells = sum(serves(s, w) for s in servers for w in workloads)
         print(
-            f"# {len(servers)} servers x {len(workloads)} workloads x {rounds} "
+            f"# {ncells} cells ({len(servers)} servers x {len(workloads)} workloads"
+            f", http only for HTTP servers) x {rounds} "
             f"rounds, {settings['duration']} s per cell; server CPUs "
             f"{cpus[0] or 'any'}, load generator CPUs {cpus[1] or 'any'}",
             flush=True,
@@ -495,6 +566,8 @@ def main(args: Sequence[str]) -> int:
             for r in range(1, rounds + 1):
                 for w in workloads:
                     for s in servers:
+                        if not serves(s, w):
+                            continue
                         cell = run_cell(
                             procs,
                             s,
@@ -512,7 +585,13 @@ def main(args: Sequence[str]) -> int:
             procs.kill_all()
     elapsed = time.monotonic() - started
     command = "python -m benchmarks" + ("" if not args else " " + shlex.join(args))
-    text = report.tables(cells, servers, workloads, {**SERVERS, **HIDDEN_SERVERS})
+    text = report.tables(
+        cells,
+        servers,
+        workloads,
+        {**SERVERS, **HIDDEN_SERVERS},
+        {"http": {**HTTP_SERVERS, **HIDDEN_HTTP_SERVERS}},
+    )
     print()
     print(text)
     print(f"({elapsed:.0f} s)")

@@ -1,27 +1,37 @@
 """The benchmark harness stays correct: its smoke mode runs and checks echoes.
 
-Each test runs ``python -m benchmarks --smoke`` for one Python server and one
-workload in a subprocess (compiling the C load generator), bounded in time.
+Each smoke test runs ``python -m benchmarks --smoke`` for one Python server
+and one workload in a subprocess (compiling the C load generator), bounded in
+time. The http workload's pieces (wrk's summary, the /proc CPU reading) are
+also checked in process.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+try:
+    from benchmarks import wrk
+    from benchmarks.report import Cell, Workload
+except ImportError:  # .ci/wheel-check copies tests/, not benchmarks/
+    pytest.skip("benchmarks/ is not beside tests/", allow_module_level=True)
+
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        shutil.which("gcc") is None, reason="the load generator is compiled with gcc"
-    ),
-]
+needs_gcc = pytest.mark.skipif(
+    shutil.which("gcc") is None, reason="the load generator is compiled with gcc"
+)
+needs_wrk = pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)"
+)
 
 
 def run_smoke(*args: str) -> subprocess.CompletedProcess[str]:
@@ -35,6 +45,8 @@ def run_smoke(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
+@needs_gcc
 def test_smoke_round_trips_against_trio_and_ours() -> None:
     done = run_smoke("--servers", "ours,trio", "--workloads", "rt")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -54,6 +66,8 @@ def test_smoke_round_trips_against_trio_and_ours() -> None:
     assert re.search(r"- round trips/s: \d+\.\d\dx", done.stdout), done.stdout
 
 
+@pytest.mark.slow
+@needs_gcc
 def test_smoke_two_workers_sums_cpu_over_the_process_tree() -> None:
     done = run_smoke("--servers", "ours-2w", "--workloads", "rt")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -72,13 +86,143 @@ def test_smoke_two_workers_sums_cpu_over_the_process_tree() -> None:
     assert "procs=3" in line.group(0), line.group(0)
 
 
+@pytest.mark.slow
+@needs_gcc
 def test_smoke_fails_a_server_that_corrupts_the_echo() -> None:
     done = run_smoke("--servers", "corrupt", "--workloads", "rt")
     assert done.returncode == 1, done.stdout + done.stderr
     assert re.search(r"FAILED: corrupt rt: \d+ wrong echoes", done.stderr), done.stderr
 
 
+@pytest.mark.slow
+@needs_gcc
 def test_unknown_server_is_refused() -> None:
     done = run_smoke("--servers", "nginx")
     assert done.returncode != 0
     assert "unknown server 'nginx'" in done.stderr
+
+
+def table_row(stdout: str, server: str) -> list[str]:
+    row = re.search(rf"^\| {re.escape(server)} \(.*$", stdout, re.MULTILINE)
+    assert row is not None, stdout
+    return [c.strip() for c in row.group(0).strip("|").split("|")]
+
+
+@pytest.mark.slow
+@needs_gcc
+@needs_wrk
+def test_smoke_http_against_trio_and_ours() -> None:
+    done = run_smoke("--servers", "ours,trio,libevent-c", "--workloads", "http")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # libevent-c speaks no HTTP: no cell, no row, not a failure.
+    assert "libevent-c" not in done.stdout.split("\n", 1)[1], done.stdout
+    for server, what in (("ours", "examples/http_server.py"), ("trio", "serve_http")):
+        cells = table_row(done.stdout, server)
+        assert what in cells[0]
+        # server | requests/s | x trio | p50 | p99 | server CPU µs/req | x trio
+        assert float(cells[1].rstrip("k")) > 0, cells
+        assert float(cells[5].rstrip("k")) > 0, cells
+        line = re.search(rf"^round 1 http +{server} .*$", done.stdout, re.MULTILINE)
+        assert line is not None, done.stdout
+        assert "procs=1" in line.group(0), line.group(0)
+    assert re.search(r"- HTTP requests/s \(h11, wrk\): \d+\.\d\dx", done.stdout)
+    assert re.search(r"- server CPU per HTTP request: \d+\.\d\dx", done.stdout)
+
+
+@pytest.mark.slow
+@needs_gcc
+@needs_wrk
+def test_smoke_http_fails_a_server_that_answers_500s() -> None:
+    done = run_smoke("--servers", "corrupt", "--workloads", "http")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(r"FAILED: corrupt http: \d+ non-2xx responses", done.stderr)
+
+
+def test_http_with_no_http_server_is_refused() -> None:
+    done = run_smoke("--servers", "epoll-c", "--workloads", "http")
+    assert done.returncode != 0
+    assert "none of epoll-c runs http" in done.stderr
+
+
+HTTP = Workload("http", "test", 50)
+
+
+def wrk_summary(**changes: int) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "requests": 20000,
+        "duration_us": 2_000_000,
+        "connect": 0,
+        "read": 0,
+        "write": 0,
+        "status": 0,
+        "timeout": 0,
+        "p50_us": 900,
+        "p99_us": 4000,
+        "cpu_s": 1.5,
+        "server_procs": 1,
+    }
+    return {**out, **changes}
+
+
+def test_wrk_cell_metrics() -> None:
+    cell = Cell.from_wrk("ours", HTTP, wrk_summary())
+    assert cell.ok
+    assert cell.metrics == {
+        "per_s": 10000.0,
+        "p50_us": 900.0,
+        "p99_us": 4000.0,
+        "cpu_us": 75.0,
+        "procs": 1.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"status": 3}, "3 non-2xx responses"),
+        ({"read": 2}, "socket errors connect 0, read 2, write 0, timeout 0"),
+        ({"timeout": 1}, "socket errors connect 0, read 0, write 0, timeout 1"),
+        ({"requests": 0}, "no request completed"),
+    ],
+)
+def test_wrk_cell_fails_on_what_wrk_counted(
+    changes: dict[str, int], error: str
+) -> None:
+    cell = Cell.from_wrk("ours", HTTP, wrk_summary(**changes))
+    assert (cell.ok, cell.error, cell.metrics) == (False, error, {})
+
+
+def test_wrk_takes_whole_seconds() -> None:
+    assert [wrk.seconds(x) for x in (0.2, 0.5, 1.0, 1.01, 3)] == ["1s"] * 3 + [
+        "2s",
+        "3s",
+    ]
+
+
+BUSY_CHILD = """
+import time
+start = time.process_time()
+while time.process_time() - start < 0.3:
+    pass
+print(flush=True)
+time.sleep(30)
+"""
+
+
+def test_tree_cpu_sums_a_process_and_its_children() -> None:
+    """A busy child's CPU time is in its parent's tree, and counted as one more."""
+    alone, before = wrk.tree_cpu(os.getpid())
+    child = subprocess.Popen(
+        [sys.executable, "-c", BUSY_CHILD], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "\n"  # it has burnt 0.3 s of CPU
+        total, after = wrk.tree_cpu(os.getpid())
+        child_only, one = wrk.tree_cpu(child.pid)
+    finally:
+        child.kill()
+        child.communicate(timeout=10)
+    assert (after, one) == (before + 1, 1)
+    assert child_only >= 0.25
+    assert total >= alone + child_only - 0.02  # clock ticks are 10 ms
