@@ -372,6 +372,7 @@ def test_flag_names_are_case_insensitive() -> None:
         (["echo", "--proxy-trusted", "10.0.0.0/33"], "is not a network"),
         (["echo", "--backlog", "0"], "backlog must be -1 (the OS maximum) or >= 1"),
         (["echo", "--backlog", "x"], "backlog must be an integer"),
+        (["echo", "--backlog", str(2**31)], "backlog must be -1 (the OS maximum), 0"),
         (["echo", "--bogus"], "unrecognized arguments: --bogus"),
         ([], "the following arguments are required: COMMAND"),
         (["serve"], "invalid choice: 'serve'"),

@@ -23,6 +23,7 @@ EXAMPLES: dict[str, Any] = {
     "proxy_protocol": True,
     "proxy_trusted": ["10.0.0.0/8", "::1"],
     "proxy_timeout": 0.25,
+    "keepalive": 60,
 }
 
 

@@ -89,6 +89,8 @@ async def test_a_backlog_above_somaxconn_is_cut_and_warned() -> None:
                 stats = listener.statistics()
         assert len(caught) == 1
         assert f"backlog={asked} was cut to {cap}" in str(caught[0].message)
+        # At the caller's line, not somewhere inside trio_evlisten.
+        assert caught[0].filename == __file__
     assert stats.backlog == cap
     assert stats.queue_limit == cap
 

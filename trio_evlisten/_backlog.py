@@ -12,10 +12,9 @@ from __future__ import annotations
 import socket
 import struct
 import sys
-import warnings
 from typing import Final
 
-from ._errors import ResourceLimitWarning
+from ._errors import ResourceLimitWarning, warn_at_caller
 
 #: libevent caps nothing; trio caps at 0xFFFF because some kernels store the
 #: backlog in 16 bits and a bigger value wraps around to a tiny one.
@@ -60,12 +59,11 @@ def listen(std: socket.socket, backlog: int) -> int:
     if cap is None or asked <= cap:
         return asked
     if backlog > 0:
-        warnings.warn(
+        warn_at_caller(
             ResourceLimitWarning(
                 f"backlog={backlog} was cut to {cap} by the kernel "
                 f"({_SOMAXCONN_PATH}); raise net.core.somaxconn to get it"
-            ),
-            stacklevel=2,
+            )
         )
     return cap
 
@@ -100,9 +98,20 @@ def accept_queue(std: socket.socket) -> tuple[int, int] | None:
     return depth, limit
 
 
+#: ``listen()`` takes a C int.
+_INT_MAX: Final = 2**31 - 1
+
+
 def check_backlog(backlog: object, *, wrapping: bool) -> int:
+    """Return ``backlog`` if it is valid (for ``sock=`` if ``wrapping``), else raise."""
     if isinstance(backlog, bool) or not isinstance(backlog, int):
         raise TypeError(f"backlog must be an int, not {backlog!r}")
+    if backlog > _INT_MAX:
+        raise ValueError(
+            f"backlog must be -1 (the OS maximum), 0 (sock= already listening) "
+            f"or 1..{_INT_MAX} (the kernel caps it at somaxconn anyway), "
+            f"not {backlog!r}"
+        )
     if backlog == 0 and not wrapping:
         raise ValueError(
             "backlog=0 means 'the socket is already listening', which only "

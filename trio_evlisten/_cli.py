@@ -92,6 +92,7 @@ ECHO_OPTIONS: Final = (
     "proxy_protocol",
     "proxy_trusted",
     "proxy_timeout",
+    "keepalive",
 )
 
 

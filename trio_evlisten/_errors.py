@@ -8,9 +8,13 @@ place, with the reasoning, so the accept loop only asks :func:`classify`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import errno
 import logging
+import os
+import sys
+import warnings
 from typing import Final
 
 import attrs
@@ -102,6 +106,27 @@ class ResourceLimitWarning(RuntimeWarning):
     ``backlog`` to ``somaxconn``. Filter it like any warning
     (``warnings.filterwarnings("ignore", category=ResourceLimitWarning)``).
     """
+
+
+_PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(warning: Warning) -> None:
+    """Warn, pointing at the first frame outside trio_evlisten (and contextlib).
+
+    A warning about what the caller asked for (a backlog the kernel cuts, a
+    cap the fds cannot cover) belongs at the caller's line, however deep in
+    the package it is noticed.
+    """
+    frame = sys._getframe(1)
+    level = 2  # 1 would be this function; 2 is the frame above it
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+        or frame.f_code.co_filename == contextlib.__file__
+    ):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(warning, stacklevel=level)
 
 
 def classify(exc: OSError) -> ErrorClass:

@@ -64,6 +64,12 @@ def check_flags(flags: object) -> Flag:
     """
     if isinstance(flags, bool) or not isinstance(flags, int):
         raise TypeError(f"flags must be a Flag (an int), not {flags!r}")
+    if flags < 0:
+        raise ValueError(
+            f"flags must be Flag values combined with |, 0 to "
+            f"{int(_ALL_FLAGS)}, not {flags!r}; valid flags are "
+            f"{', '.join(f.name or '' for f in Flag)}"
+        )
     unknown = int(flags) & ~int(_ALL_FLAGS)
     if unknown:
         raise ValueError(

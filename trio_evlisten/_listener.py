@@ -21,7 +21,7 @@ from ._backlog import BACKLOG_MAX, accept_queue
 from ._connection import Connections
 from ._errors import GroupedLog
 from ._flags import Flag
-from ._gate import Gate
+from ._gate import Gate, check_accept_cb, check_error_cb
 from ._handlers import Handlers
 from ._options import (
     ListenerOptions,
@@ -42,13 +42,6 @@ if TYPE_CHECKING:
     ErrorCallback = Callable[..., object]
 
 logger: Final = logging.getLogger("trio_evlisten")
-
-
-def _check_cb(cb: object, what: str, *, optional: bool = True) -> None:
-    if cb is None and optional:
-        return
-    if not callable(cb):
-        raise TypeError(f"{what} must be callable or None, not {cb!r}")
 
 
 @final
@@ -258,7 +251,7 @@ class ConnListener:
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        _check_cb(cb, "cb")
+        check_accept_cb(cb)
         self._gate.set_cb(cb, args)
 
     def set_error_cb(self, error_cb: ErrorCallback | None, *args: Any) -> None:
@@ -276,7 +269,7 @@ class ConnListener:
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        _check_cb(error_cb, "error_cb")
+        check_error_cb(error_cb)
         self._gate.set_error_cb(error_cb, args)
 
     def set_max_connections(self, max_connections: int | None) -> None:
@@ -298,7 +291,7 @@ class ConnListener:
         """
         check_max_connections(max_connections)
         self._gate.set_max_connections(max_connections)
-        warn_if_fd_limit_below(max_connections, stacklevel=2)
+        warn_if_fd_limit_below(max_connections)
 
     @property
     def draining(self) -> bool:

@@ -7,6 +7,7 @@ nursery and decide what leaving the block means.
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._flags import Flag, check_flags
-from ._listener import ConnListener, _check_cb
+from ._gate import check_accept_cb, check_error_cb
+from ._listener import ConnListener
 from ._options import ListenerOptions, resolve, warn_if_fd_limit_below
 from ._socket import make_listening_socket
 
@@ -105,21 +107,28 @@ async def open_listener(
         block raises, handlers are cancelled at once (Trio's nursery rule).
     """
     flags = check_flags(flags)
-    _check_cb(cb, "cb")
-    _check_cb(error_cb, "error_cb")
+    check_accept_cb(cb)
+    check_error_cb(error_cb)
     resolved = resolve(options, flags)
     handler_nursery = resolved["handler_nursery"]
     drain_timeout = resolved["drain_timeout"]
     # Pending connections hold fds only where a preamble makes them pend.
     preamble = resolved["proxy_protocol"] or resolved["ssl_context"] is not None
-    # Points at the caller's ``async with`` (through __aenter__).
     warn_if_fd_limit_below(
-        resolved["max_connections"],
-        resolved["max_pending"] if preamble else None,
-        stacklevel=3,
+        resolved["max_connections"], resolved["max_pending"] if preamble else None
     )
+    keepalive = resolved["keepalive"]
+    if "keepalive" not in options and (sock is not None or _is_path(address)):
+        # The default is for the TCP sockets open_listener binds (libevent's
+        # rule); a wrapped socket keeps what its owner (systemd) set.
+        keepalive = None
     lsock = await make_listening_socket(
-        address=address, sock=sock, flags=flags, backlog=backlog
+        address=address,
+        sock=sock,
+        flags=flags,
+        backlog=backlog,
+        keepalive=keepalive,
+        unix_mode=resolved["unix_mode"],
     )
     try:
         listener = ConnListener(lsock, flags, cb, args, error_cb, (), resolved)
@@ -194,6 +203,10 @@ def _shape(
         spliced.__cause__ = group.__cause__
         return spliced.with_traceback(group.__traceback__)
     return group
+
+
+def _is_path(address: object) -> bool:
+    return isinstance(address, (str, os.PathLike))
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

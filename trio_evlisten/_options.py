@@ -19,16 +19,16 @@ import math
 import ssl
 import sys
 import typing
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Final, Literal, TypedDict
 
 import attrs
 import trio
 
-from ._errors import ResourceLimitWarning
+from ._errors import ResourceLimitWarning, warn_at_caller
 from ._flags import Flag
 from ._proxy_gate import PROXY_TIMEOUT, Network, trusted_networks
+from ._sockopts import KEEPALIVE_MAX
 
 HandlerErrors = Literal["log", "raise"]
 
@@ -82,6 +82,28 @@ def _seconds(value: object, name: str) -> float:
 
 def _seconds_or_none(value: object, name: str) -> float | None:
     return check_seconds(name, value, optional=True)
+
+
+def _keepalive(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be None or whole seconds (an int), not {value!r}")
+    if not 1 <= value <= KEEPALIVE_MAX:
+        raise ValueError(
+            f"{name} must be None or 1..{KEEPALIVE_MAX} seconds, not {value!r}"
+        )
+    return value
+
+
+def _file_mode(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be None or a mode like 0o660, not {value!r}")
+    if not 0 <= value <= 0o7777:
+        raise ValueError(f"{name} must be a mode 0o0..0o7777, not {value!r}")
+    return value
 
 
 def _bool(value: object, name: str) -> bool:
@@ -266,6 +288,37 @@ class ListenerOptions(TypedDict, total=False):
             Cli("SECONDS", float),
         ),
     ]
+    keepalive: Annotated[
+        int | None,
+        Option(
+            300,
+            _keepalive,
+            "TCP keep-alive, as libevent 2.2 sets it on the listeners it binds: "
+            "a connection idle this many seconds is probed every third of that, "
+            "and dropped after 3 unanswered probes, so a peer that vanished "
+            "(power cut, cable pulled) is found within twice this time. Set on "
+            "the listening socket, which every accepted socket inherits (no cost "
+            "per connection). Applies to TCP sockets open_listener binds; with "
+            "``sock=`` only when given, so a socket set up by systemd keeps its "
+            "``KeepAlive=``; for a Unix socket it is an error. ``None``: off.",
+            Cli("SECONDS", _int_or_none),
+        ),
+    ]
+    unix_mode: Annotated[
+        int | None,
+        Option(
+            None,
+            _file_mode,
+            "the permission bits of a Unix socket file open_listener binds "
+            "(``0o660``: its owner and group may connect), set after ``bind()`` "
+            "and before ``listen()``, so no client connects under a looser "
+            "mode. ``None``: what the umask gives (``0o777`` minus the umask). "
+            "Who may connect to a Unix socket is decided by this mode alone, "
+            "and with ``proxy_protocol=True`` every Unix peer may send a "
+            "PROXY header: give the socket a mode that admits only your "
+            "proxy.",
+        ),
+    ]
 
 
 #: Each option's :class:`Option`, by name, in definition order.
@@ -355,7 +408,7 @@ def default_max_pending(max_connections: int | None) -> int:
 
 
 def warn_if_fd_limit_below(
-    max_connections: int | None, max_pending: int | None = None, *, stacklevel: int
+    max_connections: int | None, max_pending: int | None = None
 ) -> None:
     """Warn (:class:`ResourceLimitWarning`) if the fds cannot cover the bounds.
 
@@ -376,12 +429,11 @@ def warn_if_fd_limit_below(
         )
         if value is not None
     )
-    warnings.warn(
+    warn_at_caller(
         ResourceLimitWarning(
             f"{asked} needs about {need} file descriptors "
             f"(+{FD_RESERVE} in reserve), but RLIMIT_NOFILE's soft limit is "
             f"{soft}: accept() will fail with EMFILE before the bound is "
             "reached; raise it (ulimit -n, LimitNOFILE=) or lower the bound"
-        ),
-        stacklevel=stacklevel + 1,
+        )
     )

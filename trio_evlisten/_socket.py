@@ -11,7 +11,6 @@ import errno
 import os
 import socket
 import stat
-import sys
 from typing import TypeAlias, final
 
 import attrs
@@ -19,6 +18,13 @@ import trio
 
 from ._backlog import check_backlog, listen
 from ._flags import Flag
+from ._sockopts import (
+    apply_listening_flags,
+    check_unix_flags,
+    check_unix_path,
+    set_keepalive,
+    so_reuseport,
+)
 
 #: What ``address=`` takes: ``(host, port)``, ``(host, port, flowinfo,
 #: scope_id)`` or a Unix socket path.
@@ -104,8 +110,14 @@ async def make_listening_socket(
     sock: SockArg | None,
     flags: Flag,
     backlog: int,
+    keepalive: int | None = None,
+    unix_mode: int | None = None,
 ) -> ListeningSocket:
     """Bind ``address`` or wrap ``sock``, apply ``flags``, and listen.
+
+    ``keepalive`` (idle seconds) turns TCP keep-alive on for a TCP socket;
+    ``unix_mode`` is the permission bits of a Unix socket's file, set before
+    ``listen()``.
 
     Error handling:
         Bad argument types raise :exc:`TypeError`, bad values
@@ -124,13 +136,30 @@ async def make_listening_socket(
         )
     if sock is not None:
         backlog = check_backlog(backlog, wrapping=True)
-        return _wrap(sock, flags, backlog)
+        if unix_mode is not None:
+            raise ValueError(
+                "unix_mode= sets the mode of a Unix socket file open_listener "
+                "binds, before listen(); with sock= the socket is already "
+                "bound: chmod its path yourself before it listens"
+            )
+        return _wrap(sock, flags, backlog, keepalive)
     assert address is not None
     backlog = check_backlog(backlog, wrapping=False)
     if isinstance(address, (str, os.PathLike)):
-        return _bind_unix(os.fspath(address), flags, backlog)
+        path = os.fspath(address)
+        check_unix_path(address, path)
+        if keepalive is not None:
+            raise ValueError(
+                f"keepalive={keepalive!r} is TCP keep-alive, which a Unix "
+                f"socket ({path!r}) does not have; leave it out"
+            )
+        return _bind_unix(path, flags, backlog, unix_mode)
+    if unix_mode is not None:
+        raise ValueError(
+            f"unix_mode= is for Unix socket paths, not the TCP address {address!r}"
+        )
     family, sockaddr = await _resolve(address)
-    return _bind_inet(family, sockaddr, flags, backlog)
+    return _bind_inet(family, sockaddr, flags, backlog, keepalive)
 
 
 async def _resolve(address: object) -> tuple[int, tuple[object, ...]]:
@@ -173,14 +202,20 @@ async def _resolve(address: object) -> tuple[int, tuple[object, ...]]:
 
 
 def _bind_inet(
-    family: int, sockaddr: tuple[object, ...], flags: Flag, backlog: int
+    family: int,
+    sockaddr: tuple[object, ...],
+    flags: Flag,
+    backlog: int,
+    keepalive: int | None,
 ) -> ListeningSocket:
     std = socket.socket(family, socket.SOCK_STREAM)
     try:
         if flags & Flag.REUSEABLE:
             std.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if flags & Flag.REUSEABLE_PORT:
-            std.setsockopt(socket.SOL_SOCKET, _so_reuseport(), 1)
+            std.setsockopt(socket.SOL_SOCKET, so_reuseport(), 1)
+        if keepalive is not None:
+            set_keepalive(std, keepalive)
         if family == socket.AF_INET6:
             # Set it either way: the system default (Linux's bindv6only
             # sysctl) differs between machines, and dual-stack is the
@@ -192,7 +227,7 @@ def _bind_inet(
                 f"Flag.BIND_IPV6ONLY needs an IPv6 address, not {sockaddr!r}"
             )
         std.bind(sockaddr)
-        _apply_listening_flags(std, flags)
+        apply_listening_flags(std, flags)
         effective = listen(std, backlog)
         return ListeningSocket(
             std, trio.socket.from_stdlib_socket(std), backlog=effective
@@ -202,15 +237,28 @@ def _bind_inet(
         raise
 
 
-def _bind_unix(path: str, flags: Flag, backlog: int) -> ListeningSocket:
-    _check_unix_flags(flags)
+def _bind_unix(
+    path: str, flags: Flag, backlog: int, unix_mode: int | None
+) -> ListeningSocket:
+    check_unix_flags(flags)
+    # An abstract-namespace name (leading NUL) has no file to unlink or chmod.
+    abstract = path.startswith("\0")
+    if unix_mode is not None and abstract:
+        raise ValueError(
+            f"unix_mode= sets a socket file's mode, and the abstract name "
+            f"{path!r} has no file; who may connect is up to the network "
+            "namespace (or check the peer's credentials in the handler)"
+        )
     std = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         std.bind(path)
-        # An abstract-namespace name (leading NUL) has no file to unlink.
-        unlink = None if path.startswith("\0") else path
+        unlink = None if abstract else path
         try:
-            _apply_listening_flags(std, flags)
+            if unix_mode is not None:
+                # Between bind() and listen(): until listen() every connect()
+                # is refused, so no client gets in under the umask's mode.
+                os.chmod(path, unix_mode)
+            apply_listening_flags(std, flags)
             effective = listen(std, backlog)
             trio_sock = trio.socket.from_stdlib_socket(std)
         except BaseException:
@@ -223,7 +271,9 @@ def _bind_unix(path: str, flags: Flag, backlog: int) -> ListeningSocket:
         raise
 
 
-def _wrap(sock: SockArg, flags: Flag, backlog: int) -> ListeningSocket:
+def _wrap(
+    sock: SockArg, flags: Flag, backlog: int, keepalive: int | None
+) -> ListeningSocket:
     from_fd = False
     if isinstance(sock, bool):
         raise TypeError(f"sock must be a socket or an int fd, not {sock!r}")
@@ -251,8 +301,15 @@ def _wrap(sock: SockArg, flags: Flag, backlog: int) -> ListeningSocket:
         if flags & Flag.REUSEABLE_PORT:
             # After bind it no longer affects this socket's own bind, but it
             # lets later sockets bind the same port beside it.
-            std.setsockopt(socket.SOL_SOCKET, _so_reuseport(), 1)
-        _apply_listening_flags(std, flags)
+            std.setsockopt(socket.SOL_SOCKET, so_reuseport(), 1)
+        if keepalive is not None:
+            if std.family == socket.AF_UNIX:
+                raise ValueError(
+                    f"keepalive={keepalive!r} is TCP keep-alive, which the Unix "
+                    f"socket {std!r} does not have; leave it out"
+                )
+            set_keepalive(std, keepalive)
+        apply_listening_flags(std, flags)
         effective = listen(std, backlog) if backlog != 0 else None
         std.setblocking(False)
         twin = False
@@ -298,7 +355,7 @@ def _check_wrappable(std: socket.socket, flags: Flag, backlog: int) -> None:
             "only stream sockets accept connections"
         )
     if std.family == socket.AF_UNIX:
-        _check_unix_flags(flags)
+        check_unix_flags(flags)
     # IPV6_V6ONLY can only be changed before bind; all we can do for a
     # wrapped socket is check it was set.
     if flags & Flag.BIND_IPV6ONLY and (
@@ -338,45 +395,3 @@ def _check_wrappable(std: socket.socket, flags: Flag, backlog: int) -> None:
             f"sock={std!r} is not bound; bind it first (or pass address= and "
             "let open_listener bind)"
         )
-
-
-def _check_unix_flags(flags: Flag) -> None:
-    if flags & Flag.REUSEABLE_PORT:
-        raise ValueError("Flag.REUSEABLE_PORT is for TCP sockets, not Unix sockets")
-    if flags & Flag.BIND_IPV6ONLY:
-        raise ValueError("Flag.BIND_IPV6ONLY is for IPv6 sockets, not Unix sockets")
-
-
-def _so_reuseport() -> int:
-    opt = getattr(socket, "SO_REUSEPORT", None)
-    if opt is None:
-        raise ValueError(
-            f"Flag.REUSEABLE_PORT needs SO_REUSEPORT, which {sys.platform} lacks"
-        )
-    return int(opt)
-
-
-def _apply_listening_flags(std: socket.socket, flags: Flag) -> None:
-    """The flags that apply to bound and wrapped sockets alike."""
-    if flags & Flag.CLOSE_ON_EXEC:
-        os.set_inheritable(std.fileno(), False)
-    if flags & Flag.DEFERRED_ACCEPT and std.family in (
-        socket.AF_INET,
-        socket.AF_INET6,
-    ):
-        _set_deferred_accept(std)
-
-
-def _set_deferred_accept(std: socket.socket) -> None:
-    defer = getattr(socket, "TCP_DEFER_ACCEPT", None)
-    if defer is not None:
-        # Linux: wait up to 1 s (as libevent asks) for the first data before
-        # reporting the connection.
-        std.setsockopt(socket.IPPROTO_TCP, defer, 1)
-        return
-    accept_filter = getattr(socket, "SO_ACCEPTFILTER", None)
-    if accept_filter is not None:  # pragma: no cover - FreeBSD
-        # struct accept_filter_arg { char af_name[16]; char af_arg[240]; }
-        arg = b"dataready".ljust(16, b"\0") + b"\0" * 240
-        std.setsockopt(socket.SOL_SOCKET, accept_filter, arg)
-    # Elsewhere a no-op, as in libevent.

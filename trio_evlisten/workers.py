@@ -77,6 +77,7 @@ WORKER_OPTIONS: Final = (
     "proxy_protocol",
     "proxy_trusted",
     "proxy_timeout",
+    "keepalive",
 )
 #: A worker's ``drain_timeout`` unless ``--drain-timeout`` says otherwise.
 DEFAULT_DRAIN_TIMEOUT: Final = 5.0

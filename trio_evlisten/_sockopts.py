@@ -1,0 +1,116 @@
+"""Socket options of the listening socket: what each flag and option sets.
+
+Owns: turning the :class:`Flag` bits and the ``keepalive`` option into
+``setsockopt`` calls, and refusing what cannot apply to a socket (a flag a
+Unix socket does not have; a string that is a ``host:port``, not a path).
+Nothing here binds, listens or accepts (that is :mod:`._socket`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from typing import Final
+
+from ._flags import Flag
+
+#: Linux's bounds on ``TCP_KEEPIDLE`` (``MAX_TCP_KEEPIDLE``).
+KEEPALIVE_MAX: Final = 32767
+#: libevent 2.2's ``evutil_set_tcp_keepalive``: after ``idle`` seconds, a
+#: probe every ``idle / 3`` seconds, and the connection is dropped after this
+#: many unanswered, so a dead peer is found within twice the idle time.
+KEEPALIVE_PROBES: Final = 3
+
+# "127.0.0.1:8080", "[::1]:80", "localhost:8000": host:port, no path.
+_HOST_PORT: Final = re.compile(r"\[?[^/\[\]]*\]?:[0-9]{1,5}")
+
+
+def check_unix_path(address: object, path: str) -> None:
+    """Refuse a str that is a ``host:port`` rather than a socket path.
+
+    ``address="127.0.0.1:8080"`` would otherwise create a Unix socket file of
+    that name in the working directory, and nothing would listen on TCP.
+    """
+    if isinstance(address, str) and _HOST_PORT.fullmatch(path):
+        host, _, port = path.rpartition(":")
+        raise ValueError(
+            f"address={address!r} looks like host:port, but a str address is a "
+            f"Unix socket path; for TCP give a tuple: "
+            f"address=({host.strip('[]')!r}, {int(port)}); for a socket file of "
+            f"that name, give a path with a slash: './{path}'"
+        )
+
+
+def check_unix_flags(flags: Flag) -> None:
+    """Refuse the flags a Unix socket cannot have, naming each."""
+    if flags & Flag.REUSEABLE:
+        # libevent refuses it too (#1625): SO_REUSEADDR means nothing for a
+        # Unix socket; rebinding a path needs the old file removed, which
+        # CLOSE_ON_FREE does for a path open_listener bound.
+        raise ValueError(
+            "Flag.REUSEABLE (SO_REUSEADDR) is for TCP sockets, not Unix sockets; "
+            "leave it out (with CLOSE_ON_FREE the socket file is removed on "
+            "close, so the path can be bound again)"
+        )
+    if flags & Flag.REUSEABLE_PORT:
+        raise ValueError("Flag.REUSEABLE_PORT is for TCP sockets, not Unix sockets")
+    if flags & Flag.BIND_IPV6ONLY:
+        raise ValueError("Flag.BIND_IPV6ONLY is for IPv6 sockets, not Unix sockets")
+
+
+def so_reuseport() -> int:
+    """``SO_REUSEPORT``, or a ValueError where the platform lacks it."""
+    opt = getattr(socket, "SO_REUSEPORT", None)
+    if opt is None:
+        raise ValueError(
+            f"Flag.REUSEABLE_PORT needs SO_REUSEPORT, which {sys.platform} lacks"
+        )
+    return int(opt)
+
+
+def set_keepalive(std: socket.socket, idle: int) -> None:
+    """TCP keep-alive as libevent 2.2 sets it on the listeners it binds.
+
+    On the listening socket: Linux copies these options into every socket
+    ``accept()`` returns, so they cost nothing per connection.
+    """
+    std.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    keepidle = getattr(socket, "TCP_KEEPIDLE", None) or getattr(
+        socket,
+        "TCP_KEEPALIVE",
+        None,  # macOS's name for it
+    )
+    if keepidle is not None:
+        std.setsockopt(socket.IPPROTO_TCP, keepidle, idle)
+    if hasattr(socket, "TCP_KEEPINTVL"):
+        std.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(idle // 3, 1))
+    if hasattr(socket, "TCP_KEEPCNT"):
+        std.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
+def apply_listening_flags(std: socket.socket, flags: Flag) -> None:
+    """The flags that apply to bound and wrapped sockets alike."""
+    if flags & Flag.CLOSE_ON_EXEC:
+        os.set_inheritable(std.fileno(), False)
+    if flags & Flag.DEFERRED_ACCEPT and std.family in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    ):
+        _set_deferred_accept(std)
+
+
+def _set_deferred_accept(std: socket.socket) -> None:
+    defer = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if defer is not None:
+        # Linux: wait up to 1 s (as libevent asks) for the first data before
+        # reporting the connection.
+        std.setsockopt(socket.IPPROTO_TCP, defer, 1)
+        return
+    accept_filter = getattr(socket, "SO_ACCEPTFILTER", None)
+    if accept_filter is not None:  # pragma: no cover - FreeBSD
+        # struct accept_filter_arg { char af_name[16]; char af_arg[240]; }
+        arg = b"dataready".ljust(16, b"\0") + b"\0" * 240
+        std.setsockopt(socket.SOL_SOCKET, accept_filter, arg)
+    # Elsewhere a no-op, as in libevent.
