@@ -357,3 +357,50 @@ async def test_drain_counts_handlers_that_raise_apart() -> None:
             result = await lst.drain(5)
     assert result == DrainResult(finished=0, failed=1, cancelled=0)
     assert lst.statistics().handler_errors == 1
+
+
+async def test_a_handlers_own_nursery_is_drained_and_supervised_with_it(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the docs advise for helper tasks: a nursery inside the handler."""
+    helpers_cancelled: list[float] = []
+    started = trio.Semaphore(0)
+
+    async def helper(fail: bool) -> None:
+        started.release()
+        if fail:
+            raise RuntimeError("helper failed")
+        try:
+            await trio.sleep_forever()
+        finally:
+            helpers_cancelled.append(trio.current_time())
+
+    async def with_helpers(
+        listener: ConnListener, conn: trio.SocketStream, addr: Any
+    ) -> None:
+        fail = await conn.receive_some() == b"fail"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(helper, fail)
+
+    with trio.fail_after(100):
+        async with (
+            open_listener(with_helpers, address=LOCAL, flags=FREE) as lst,
+            await open_stream_to(lst) as failing,
+            await open_stream_to(lst) as waiting,
+        ):
+            await failing.send_all(b"fail")
+            await waiting.send_all(b"wait")
+            await started.acquire()
+            await started.acquire()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not lst.closed  # the helper's error was the handler's: logged
+            t0 = trio.current_time()
+            result = await lst.drain(5)
+    assert result == DrainResult(finished=0, failed=0, cancelled=1)
+    assert helpers_cancelled == [t0 + 5]
+    assert lst.statistics().handler_errors == 1
+    [logged] = [r for r in caplog.records if r.exc_info]
+    assert logged.getMessage().startswith("handler for ")
+    assert "helper failed" in "".join(
+        logging.Formatter().formatException(logged.exc_info)
+    )

@@ -131,10 +131,22 @@ class ConnListener:
 
     @property
     def nursery(self) -> trio.Nursery:
-        """The nursery the handlers run in (``evconnlistener_get_base``).
+        """The nursery the listener runs in (``evconnlistener_get_base``).
 
-        Cancel its scope to stop the listener and every handler, as the echo
+        :func:`open_listener`'s own (with ``handler_nursery=``, that one).
+        Its scope covers the accept task, the handlers and the ``async
+        with`` body: cancel it to stop everything at once, as the echo
         example's ``event_base_loopexit`` does.
+
+        Handlers do not run in it directly but in a nursery of their own
+        inside it, so that :meth:`drain` can cancel them alone. A task you
+        start here runs beside the accept task: leaving the block waits for
+        it (after draining the handlers), ``drain_timeout`` does not bound
+        it, and an exception it raises ends the listener even with
+        ``handler_errors="log"``. For a helper task that belongs to one
+        connection, open a nursery inside the handler instead: a drain that
+        cancels the handler cancels it too, and its exceptions are the
+        handler's (logged, or raised with ``handler_errors="raise"``).
         """
         assert self._nursery is not None
         return self._nursery
