@@ -400,6 +400,7 @@ async def test_a_handlers_own_nursery_is_drained_and_supervised_with_it(
     assert helpers_cancelled == [t0 + 5]
     assert lst.statistics().handler_errors == 1
     [logged] = [r for r in caplog.records if r.exc_info]
+    assert logged.exc_info is not None
     assert logged.getMessage().startswith("handler for ")
     assert "helper failed" in "".join(
         logging.Formatter().formatException(logged.exc_info)
