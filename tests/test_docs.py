@@ -118,7 +118,37 @@ def test_the_block_finders_find_blocks() -> None:
 def test_pages_are_found() -> None:
     names = {p.name for p in pages()}
     expected = {"index.rst", "tutorial.rst", "reference.rst", "errors.rst"}
-    assert expected | {"libevent.rst", "choices.md"} <= names
+    assert expected | {"libevent.rst", "choices.md", "contract.md"} <= names
+
+
+_MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
+_RST_LINK = re.compile(r"`[^`<]*<([^>`]+)>`_")
+
+
+def test_every_relative_link_stays_in_the_repository_and_resolves() -> None:
+    # A link out of the checkout (the contract once lived in ../shared/) is
+    # dead in a clone; so is one to a file that does not exist.
+    for page in [DOCS.parent / "README.md", *pages()]:
+        text = page.read_text()
+        links = _MD_LINK.findall(text) + _RST_LINK.findall(text)
+        for link in links:
+            if re.match(r"[a-z]+:", link) or link.startswith("#"):
+                continue  # a URL, or an anchor in the page itself
+            target = (page.parent / link.split("#")[0]).resolve()
+            assert DOCS.parent.resolve() in target.parents, (page.name, link)
+            assert target.exists(), (page.name, link)
+        assert "DESIGN.md" not in text, page.name
+
+
+def test_the_contract_is_a_page_of_the_docs() -> None:
+    index = (DOCS / "index.rst").read_text()
+    toctree = index[index.index(".. toctree::") :]
+    assert re.search(r"^   contract$", toctree, re.MULTILINE)
+    readme = (DOCS.parent / "README.md").read_text()
+    assert "(docs/contract.md)" in readme
+    contract = (DOCS / "contract.md").read_text()
+    for name in ("open_listener", "serve_listener", "ConnListener", "Flag"):
+        assert f"`{name}" in contract, name
 
 
 def test_every_snippet_is_on_a_page_and_every_include_exists() -> None:
