@@ -260,6 +260,9 @@ TESTED_SNIPPETS = {
     "open_errors",
     "handler_errors",
     "finish_up",
+    "limits",
+    "greeter",
+    "test_greeter",
 }
 
 
@@ -526,13 +529,73 @@ async def test_handler_errors(caplog: pytest.LogCaptureFixture) -> None:
     assert isinstance(logged[0].exc_info[1], ValueError)
 
 
+def drain_counts(result: trio_evlisten.DrainResult) -> tuple[int, int, int]:
+    """(finished, failed, cancelled), with or without ``failed`` in the class."""
+    failed: int = getattr(result, "failed", 0)
+    return result.finished, failed, result.cancelled
+
+
 async def test_finish_up_drains_a_keep_alive_handler_between_requests() -> None:
     with trio.fail_after(10):
         result, replies, backlog, queue_limit = await load("finish_up").main()
     # The handler heard the drain, said goodbye and returned by itself.
-    assert result == trio_evlisten.DrainResult(finished=1, cancelled=0)
+    assert drain_counts(result) == (1, 0, 0)
     assert replies == b"ok a\nbye\n"
     assert (backlog, queue_limit) == (5, 5 if sys.platform == "linux" else None)
+
+
+async def test_limits_caps_raises_the_cap_then_cancels_blocked_reads(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(10):
+        start = trio.current_time()
+        seen, result, ends = await load("limits").main()
+        # Nobody finished early: the drain waited out its whole grace.
+        assert trio.current_time() - start == pytest.approx(2.0)
+    queued = 1 if sys.platform == "linux" else None
+    assert seen == [(1, 1, queued), (2, 2, 0 if queued else None)]
+    assert drain_counts(result) == (0, 0, 2)
+    assert ends == b""
+
+
+def run_pytest(folder: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=folder,
+    )
+
+
+def test_the_user_test_module_runs_as_the_tutorial_sets_it_up(tmp_path: Path) -> None:
+    # The tutorial's folder: the server and its tests, nothing of ours.
+    for name in ("greeter.py", "test_greeter.py"):
+        (tmp_path / name).write_text((SNIPPETS / name).read_text())
+    # Without pytest-trio's trio_mode, pytest refuses the async tests...
+    result = run_pytest(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "async def functions are not natively supported" in result.stdout
+    # ...and with the configuration the tutorial shows, they pass.
+    config = (SNIPPETS / "pytest_trio_mode.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(config)
+    result = run_pytest(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^4 passed", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_the_tutorial_shows_testing_drain_and_limits() -> None:
+    tutorial = (DOCS / "tutorial.rst").read_text()
+    shown = {p.name for p in included_files(DOCS / "tutorial.rst")}
+    assert {"greeter.py", "test_greeter.py", "pytest_trio_mode.toml"} <= shown
+    assert {"finish_up.py", "limits.py"} <= shown
+    for name in ("drain", "set_max_connections", "draining", "wait_draining"):
+        assert f"~trio_evlisten.ConnListener.{name}`" in tutorial, name
+    for name in ("max_connections=", "drain_timeout="):
+        assert f"``{name}" in tutorial, name
+    assert ":class:`~trio_evlisten.DrainResult`" in tutorial
+    for field in ("finished", "failed", "cancelled"):
+        assert f"``{field}``" in tutorial, field
 
 
 _XFAIL_TEST = re.compile(
