@@ -118,7 +118,37 @@ def test_the_block_finders_find_blocks() -> None:
 def test_pages_are_found() -> None:
     names = {p.name for p in pages()}
     expected = {"index.rst", "tutorial.rst", "reference.rst", "errors.rst"}
-    assert expected | {"libevent.rst", "choices.md"} <= names
+    assert expected | {"libevent.rst", "choices.md", "contract.md"} <= names
+
+
+_MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
+_RST_LINK = re.compile(r"`[^`<]*<([^>`]+)>`_")
+
+
+def test_every_relative_link_stays_in_the_repository_and_resolves() -> None:
+    # A link out of the checkout (the contract once lived in ../shared/) is
+    # dead in a clone; so is one to a file that does not exist.
+    for page in [DOCS.parent / "README.md", *pages()]:
+        text = page.read_text()
+        links = _MD_LINK.findall(text) + _RST_LINK.findall(text)
+        for link in links:
+            if re.match(r"[a-z]+:", link) or link.startswith("#"):
+                continue  # a URL, or an anchor in the page itself
+            target = (page.parent / link.split("#")[0]).resolve()
+            assert DOCS.parent.resolve() in target.parents, (page.name, link)
+            assert target.exists(), (page.name, link)
+        assert "DESIGN.md" not in text, page.name
+
+
+def test_the_contract_is_a_page_of_the_docs() -> None:
+    index = (DOCS / "index.rst").read_text()
+    toctree = index[index.index(".. toctree::") :]
+    assert re.search(r"^   contract$", toctree, re.MULTILINE)
+    readme = (DOCS.parent / "README.md").read_text()
+    assert "(docs/contract.md)" in readme
+    contract = (DOCS / "contract.md").read_text()
+    for name in ("open_listener", "serve_listener", "ConnListener", "Flag"):
+        assert f"`{name}" in contract, name
 
 
 def test_every_snippet_is_on_a_page_and_every_include_exists() -> None:
@@ -230,6 +260,9 @@ TESTED_SNIPPETS = {
     "open_errors",
     "handler_errors",
     "finish_up",
+    "limits",
+    "greeter",
+    "test_greeter",
 }
 
 
@@ -503,3 +536,79 @@ async def test_finish_up_drains_a_keep_alive_handler_between_requests() -> None:
     assert result == trio_evlisten.DrainResult(finished=1, failed=0, cancelled=0)
     assert replies == b"ok a\nbye\n"
     assert (backlog, queue_limit) == (5, 5 if sys.platform == "linux" else None)
+
+
+async def test_limits_caps_raises_the_cap_then_cancels_blocked_reads(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(10):
+        start = trio.current_time()
+        seen, result, ends = await load("limits").main()
+        # Nobody finished early: the drain waited out its whole grace.
+        assert trio.current_time() - start == pytest.approx(2.0)
+    queued = 1 if sys.platform == "linux" else None
+    assert seen == [(1, 1, queued), (2, 2, 0 if queued else None)]
+    assert result == trio_evlisten.DrainResult(finished=0, failed=0, cancelled=2)
+    assert ends == b""
+
+
+def run_pytest(folder: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=folder,
+    )
+
+
+def test_the_user_test_module_runs_as_the_tutorial_sets_it_up(tmp_path: Path) -> None:
+    # The tutorial's folder: the server and its tests, nothing of ours.
+    for name in ("greeter.py", "test_greeter.py"):
+        (tmp_path / name).write_text((SNIPPETS / name).read_text())
+    # Without pytest-trio's trio_mode, pytest refuses the async tests...
+    result = run_pytest(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "async def functions are not natively supported" in result.stdout
+    # ...and with the configuration the tutorial shows, they pass.
+    config = (SNIPPETS / "pytest_trio_mode.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(config)
+    result = run_pytest(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^4 passed", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_the_tutorial_shows_testing_drain_and_limits() -> None:
+    tutorial = (DOCS / "tutorial.rst").read_text()
+    shown = {p.name for p in included_files(DOCS / "tutorial.rst")}
+    assert {"greeter.py", "test_greeter.py", "pytest_trio_mode.toml"} <= shown
+    assert {"finish_up.py", "limits.py"} <= shown
+    for name in ("drain", "set_max_connections", "draining", "wait_draining"):
+        assert f"~trio_evlisten.ConnListener.{name}`" in tutorial, name
+    for name in ("max_connections=", "drain_timeout="):
+        assert f"``{name}" in tutorial, name
+    assert ":class:`~trio_evlisten.DrainResult`" in tutorial
+    for field in ("finished", "failed", "cancelled"):
+        assert f"``{field}``" in tutorial, field
+
+
+_XFAIL_TEST = re.compile(
+    r"@pytest\.mark\.xfail(?:\([^)]*\))?\s*(?:@[^\n]*\n\s*)*(?:async\s+)?def\s+(test_\w+)"
+)
+
+
+def test_the_faults_page_marks_xfail_only_tests_that_are() -> None:
+    # A row saying "xfail (bug)" about a test that passes misleads: the
+    # page must say what the test shows now.
+    faults = DOCS.parent / "tests" / "faults"
+    source = "\n".join(p.read_text() for p in sorted(faults.glob("test_*.py")))
+    xfailed = set(_XFAIL_TEST.findall(source))
+    assert _XFAIL_TEST.findall("@pytest.mark.xfail(reason='x')\nasync def test_a():")
+    rows = (DOCS / "faults.md").read_text().splitlines()
+    for row in rows:
+        if "xfail" in row.lower():
+            named = set(re.findall(r"`(?:\w+\.py::)?(test_\w+)`", row))
+            assert named, row
+            assert named <= xfailed, f"not xfail in tests/faults: {named - xfailed}"
+    for name in re.findall(r"`(?:\w+\.py::)?(test_\w+)`", "\n".join(rows)):
+        assert f"def {name}(" in source, f"faults.md names a missing test: {name}"

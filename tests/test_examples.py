@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -21,7 +21,7 @@ from trio_evlisten import Flag, open_listener
 from trio_evlisten.testing import ScriptedSocket, open_stream_to
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 ECHO = Path(__file__).resolve().parent.parent / "examples" / "echo.py"
 
@@ -35,36 +35,159 @@ def load_echo() -> ModuleType:
     return module
 
 
+#: Starts of the example tried before giving up: each retry follows an
+#: "Address already in use", i.e. another program took the port between the
+#: probe and the example's own bind.
+MAX_STARTS = 5
+
+
+def bind_as_echo(port: int) -> socket.socket:
+    """A socket bound exactly as examples/echo.py binds its listener.
+
+    IPv4 on 0.0.0.0 with ``SO_REUSEADDR`` (``Flag.REUSEABLE``): so a port
+    bound on any local address (a client socket of another program on
+    127.3.4.5, say) is seen as taken, as it is by the example, and a port
+    only in TIME_WAIT as free, as it is for the example.
+
+    Raises:
+        OSError: where the example's bind would fail (``EADDRINUSE``).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+    """A port the echo example can bind now (another program may take it)."""
+    with bind_as_echo(0) as s:
         port: int = s.getsockname()[1]
         return port
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGINT the example if it runs, then reap it (killed after 10 s)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
+
+
+def start_echo(
+    pick_port: Callable[[], int] = free_port,
+) -> tuple[subprocess.Popen[str], int]:
+    """Start the example on a port from ``pick_port``, once it listens.
+
+    A port taken between the probe and the example's bind makes the example
+    exit with "Address already in use": then it is started again on another
+    port, up to ``MAX_STARTS`` times.
+
+    Resource handling:
+        The returned process is the caller's to ``stop``; one that did not
+        start is reaped here.
+    """
+    tried = []
+    for _ in range(MAX_STARTS):
+        port = pick_port()
+        proc = subprocess.Popen(
+            [sys.executable, str(ECHO), str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line == f"Echo server listening on 0.0.0.0:{port}\n":
+            return proc, port
+        out, err = stop(proc)
+        if "Address already in use" not in err:
+            raise AssertionError(f"the example did not start: {line + out!r} {err!r}")
+        tried.append(port)
+    raise AssertionError(f"ports {tried} were all taken by the time the example bound")
 
 
 @pytest.fixture
 def echo_server() -> Iterator[tuple[subprocess.Popen[str], int]]:
     """The example, started on a free port, stopped with SIGINT afterwards."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(ECHO), str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, port = start_echo()
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == f"Echo server listening on 0.0.0.0:{port}"
         yield proc, port
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stop(proc)
+
+
+@pytest.fixture
+def port_taken_elsewhere() -> Iterator[int]:
+    """A port held by a listening socket on 127.0.0.2, not on 127.0.0.1.
+
+    As other programs' sockets on other loopback addresses are (the fault
+    tests' clients bind random 127.x.y.z sources): free for 127.0.0.1, taken
+    for the example's 0.0.0.0.
+    """
+    with socket.socket() as other:
+        other.bind(("127.0.0.2", 0))
+        other.listen()
+        yield other.getsockname()[1]
+
+
+def test_probing_127_0_0_1_misses_a_port_the_example_cannot_bind(
+    port_taken_elsewhere: int,
+) -> None:
+    port = port_taken_elsewhere
+    # What free_port() used to probe: 127.0.0.1 binds fine...
+    with socket.socket() as old_probe:
+        old_probe.bind(("127.0.0.1", port))
+    # ...but the example cannot bind the port, and the probe says so.
+    result = subprocess.run(
+        [sys.executable, str(ECHO), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "Address already in use" in result.stderr
+    with pytest.raises(OSError, match="Address already in use"):
+        bind_as_echo(port).close()
+
+
+def test_free_port_probes_as_the_example_binds(monkeypatch: pytest.MonkeyPatch) -> None:
+    probes = []
+    real_bind = socket.socket.bind
+
+    def bind(self: socket.socket, address: Any) -> None:
+        reuse = self.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        probes.append((self.family, address, bool(reuse)))
+        real_bind(self, address)
+
+    monkeypatch.setattr(socket.socket, "bind", bind)
+    free_port()
+    assert probes == [(socket.AF_INET, ("0.0.0.0", 0), True)]
+
+
+def test_start_echo_moves_on_when_the_port_is_taken(port_taken_elsewhere: int) -> None:
+    # The race free_port() cannot close: the port it found is taken before
+    # the example binds it (forced here by offering a taken port first).
+    offered = [port_taken_elsewhere]
+
+    def pick_port() -> int:
+        offered.append(free_port())
+        return offered[-2]
+
+    proc, port = start_echo(pick_port)
+    try:
+        assert port == offered[1] != port_taken_elsewhere
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+    finally:
+        stop(proc)
 
 
 @pytest.mark.slow
