@@ -1,6 +1,6 @@
 """Accept errors: the three classes by errno, and the backoff that follows them.
 
-DESIGN.md "Accept errors". The errno paths are driven by
+docs/contract.md, "Accept errors". The errno paths are driven by
 :class:`trio_evlisten.testing.ScriptedSocket` under ``autojump_clock``, so the
 backoff schedule is asserted exactly; a subprocess with a lowered
 ``RLIMIT_NOFILE`` checks that a real ``EMFILE`` neither spins nor stops the
