@@ -164,6 +164,16 @@ async def peer_recv(peer: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+#: The two ways to receive: ``receive_some()`` and ``async for`` (our
+#: ``__anext__`` repeats receive_some's body, so every receive test runs both).
+RECEIVERS: dict[str, Callable[[SocketStream], Awaitable[bytes]]] = {
+    "receive_some": lambda stream: stream.receive_some(),
+    "async for": lambda stream: stream.__anext__(),
+}
+receivers = pytest.mark.parametrize("receive", RECEIVERS.values(), ids=RECEIVERS.keys())
+Receive: TypeAlias = Callable[[SocketStream], Awaitable[bytes]]
+
+
 async def test_rejects_what_is_not_a_stdlib_stream_socket() -> None:
     with (
         socket.socket(type=socket.SOCK_DGRAM) as dgram,
@@ -205,7 +215,10 @@ async def test_unix_sockets_work_without_tcp_options() -> None:
         assert await sa.receive_some() == b""
 
 
-async def test_receive_some_in_a_cancelled_scope_raises_and_keeps_the_data() -> None:
+@receivers
+async def test_receive_in_a_cancelled_scope_raises_and_keeps_the_data(
+    receive: Receive,
+) -> None:
     with trio.fail_after(5):
         async with connected() as c:
             c.peer.send(b"abc")
@@ -213,8 +226,19 @@ async def test_receive_some_in_a_cancelled_scope_raises_and_keeps_the_data() -> 
             with trio.CancelScope() as scope:
                 scope.cancel()
                 with pytest.raises(trio.Cancelled):
-                    await c.stream.receive_some()
-            assert await c.stream.receive_some() == b"abc"
+                    await receive(c.stream)
+            assert await receive(c.stream) == b"abc"
+
+
+async def test_async_for_receives_until_eof() -> None:
+    with trio.fail_after(5):
+        async with connected() as c:
+            c.peer.send(b"one")
+            c.peer.shutdown(socket.SHUT_WR)
+            got = [data async for data in c.stream]
+            assert b"".join(got) == b"one"
+            with pytest.raises(StopAsyncIteration):  # and stays stopped
+                await c.stream.__anext__()
 
 
 async def test_send_all_in_a_cancelled_scope_raises_and_sends_nothing() -> None:
@@ -266,42 +290,58 @@ async def test_each_call_is_a_schedule_point_even_when_it_need_not_wait(
                 assert ran == [True]
 
 
-async def test_two_receivers_are_busy_blocked_or_not() -> None:
+async def test_an_async_for_step_is_a_checkpoint_when_data_is_there() -> None:
+    """As the test above, by trio's counters (a step takes all the data there
+    is, so two steps cannot both find data without waiting in between)."""
+    with trio.fail_after(5):
+        async with connected() as c:
+            c.peer.send(b"ab")
+            await trio.lowlevel.wait_readable(c.sock)
+            with trio.testing.assert_checkpoints():
+                assert await c.stream.__anext__() == b"ab"
+
+
+@pytest.mark.parametrize("first", RECEIVERS.values(), ids=RECEIVERS.keys())
+@pytest.mark.parametrize("second", RECEIVERS.values(), ids=RECEIVERS.keys())
+async def test_two_receivers_are_busy_blocked_or_not(
+    first: Receive, second: Receive
+) -> None:
     with trio.fail_after(5):
         async with connected() as c:
             # The first receiver is blocked (trio's SocketStream notices this
             # case too, in wait_readable).
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(c.stream.receive_some)
+                nursery.start_soon(first, c.stream)
                 await trio.testing.wait_all_tasks_blocked()
                 with pytest.raises(trio.BusyResourceError, match="receiving"):
-                    await c.stream.receive_some()
+                    await second(c.stream)
                 nursery.cancel_scope.cancel()
             # Two receivers start in the same batch, in trio's random order:
-            # the first gets the data and is in its closing schedule point when
-            # the second starts. It is still receiving, so the second is
-            # refused (trio's SocketStream would block the second instead).
+            # the one that runs first gets the data and is in its closing
+            # schedule point when the other starts. It is still receiving, so
+            # the other is refused (trio's SocketStream would block it).
             c.peer.send(b"abc")
             await trio.lowlevel.wait_readable(c.sock)
             results: list[bytes | BaseException] = []
 
-            async def receiver() -> None:
+            async def receiver(receive: Receive) -> None:
                 try:
-                    results.append(await c.stream.receive_some())
+                    results.append(await receive(c.stream))
                 except trio.BusyResourceError as exc:
                     results.append(exc)
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(receiver)
-                nursery.start_soon(receiver)
-            assert b"abc" in results
+                nursery.start_soon(receiver, first)
+                nursery.start_soon(receiver, second)
             assert len(results) == 2
-            assert isinstance(
-                results[0 if results[1] == b"abc" else 1], trio.BusyResourceError
-            )
+            assert b"abc" in results
+            results.remove(b"abc")
+            assert isinstance(results[0], trio.BusyResourceError)
             # The cancelled and the refused calls left nothing behind.
             c.peer.send(b"def")
-            assert await c.stream.receive_some() == b"def"
+            assert await first(c.stream) == b"def"
+            c.peer.send(b"ghi")
+            assert await second(c.stream) == b"ghi"
 
 
 @pytest.mark.parametrize("blocked", ["send_all", "wait_send_all_might_not_block"])
@@ -333,17 +373,19 @@ async def test_a_second_sender_is_busy(blocked: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "operation", ["receive_some", "send_all", "wait_send_all_might_not_block"]
+    "operation",
+    ["receive_some", "async for", "send_all", "wait_send_all_might_not_block"],
 )
 async def test_close_wakes_a_blocked_call_with_closed_resource_error(
     operation: str,
 ) -> None:
     with trio.fail_after(5):
         async with connected() as c:
-            if operation != "receive_some":
+            if operation not in RECEIVERS:
                 await fill(c.stream)
             calls: dict[str, Callable[[], Awaitable[object]]] = {
                 "receive_some": c.stream.receive_some,
+                "async for": c.stream.__anext__,
                 "send_all": lambda: c.stream.send_all(b"x" * 1000),
                 "wait_send_all_might_not_block": (
                     c.stream.wait_send_all_might_not_block
@@ -371,6 +413,8 @@ async def test_calls_on_a_closed_stream_raise_closed_resource_error() -> None:
             with pytest.raises(trio.ClosedResourceError):
                 await c.stream.receive_some()
             with pytest.raises(trio.ClosedResourceError):
+                await c.stream.__anext__()
+            with pytest.raises(trio.ClosedResourceError):
                 await c.stream.send_all(b"x")
             with pytest.raises(trio.ClosedResourceError):
                 await c.stream.send_all(b"")
@@ -389,13 +433,16 @@ async def test_cancelled_aclose_still_closes() -> None:
         assert c.sock.fileno() == -1
 
 
-async def test_a_socket_closed_under_the_stream_is_closed_not_broken() -> None:
+@receivers
+async def test_a_socket_closed_under_the_stream_is_closed_not_broken(
+    receive: Receive,
+) -> None:
     """EBADF becomes ClosedResourceError, with the OSError suppressed (as trio)."""
     with trio.fail_after(5):
         async with connected() as c:
             c.sock.close()  # behind the stream's back: the next call sees EBADF
             with pytest.raises(trio.ClosedResourceError) as receiving:
-                await c.stream.receive_some()
+                await receive(c.stream)
             with pytest.raises(trio.ClosedResourceError) as sending:
                 await c.stream.send_all(b"x")
             with pytest.raises(trio.ClosedResourceError):
@@ -405,7 +452,8 @@ async def test_a_socket_closed_under_the_stream_is_closed_not_broken() -> None:
                 assert info.value.__suppress_context__
 
 
-async def test_a_reset_connection_is_broken_from_the_oserror() -> None:
+@receivers
+async def test_a_reset_connection_is_broken_from_the_oserror(receive: Receive) -> None:
     with trio.fail_after(5):
         async with connected() as c:
             # SO_LINGER 0: close() sends a RST instead of a FIN.
@@ -415,12 +463,55 @@ async def test_a_reset_connection_is_broken_from_the_oserror() -> None:
             c.peer.close()
             await trio.lowlevel.wait_readable(c.sock)
             with pytest.raises(trio.BrokenResourceError) as receiving:
-                await c.stream.receive_some()
+                await receive(c.stream)
             assert isinstance(receiving.value.__cause__, OSError)
             assert receiving.value.__cause__.errno == errno.ECONNRESET
             with pytest.raises(trio.BrokenResourceError) as sending:
                 await c.stream.send_all(b"x")
             assert isinstance(sending.value.__cause__, OSError)
+
+
+@receivers
+async def test_a_blocked_receive_wakes_for_data_then_eof(receive: Receive) -> None:
+    with trio.fail_after(5):
+        async with connected() as c:
+            got: list[bytes] = []
+
+            async def receive_into_got() -> None:
+                try:
+                    got.append(await receive(c.stream))
+                except StopAsyncIteration:
+                    got.append(b"<stop>")
+
+            for send in (
+                lambda: c.peer.send(b"x"),
+                lambda: c.peer.shutdown(socket.SHUT_WR),
+            ):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(receive_into_got)
+                    await trio.testing.wait_all_tasks_blocked()
+                    send()
+            eof = b"" if receive is RECEIVERS["receive_some"] else b"<stop>"
+            assert got == [b"x", eof]
+
+
+@receivers
+async def test_a_blocked_receive_wakes_broken_on_reset(receive: Receive) -> None:
+    with trio.fail_after(5):
+        async with connected() as c:
+
+            async def receive_broken() -> None:
+                with pytest.raises(trio.BrokenResourceError) as info:
+                    await receive(c.stream)
+                assert isinstance(info.value.__cause__, ConnectionResetError)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive_broken)
+                await trio.testing.wait_all_tasks_blocked()
+                c.peer.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                c.peer.close()
 
 
 @pytest.mark.parametrize("max_bytes", [0, -1])

@@ -247,6 +247,50 @@ class SocketStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    async def __anext__(self) -> bytes:
+        """The next :meth:`receive_some` (default size); stops at end of stream.
+
+        ``async for data in stream`` is how most handlers receive, so this is
+        :meth:`receive_some`'s body again rather than a call to it (as
+        :class:`trio.abc.ReceiveStream` does): one coroutine frame less per
+        waiting connection (about 250 bytes) and per call (about 70 ns).
+        tests/test_stream.py runs every receive test through both.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError(
+                "another task is currently receiving data on this SocketStream"
+            )
+        self._receiving = True
+        try:
+            sock = self._sock
+            await checkpoint_if_cancelled()
+            try:
+                data = sock.recv(DEFAULT_RECEIVE_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                await cancel_shielded_checkpoint()
+                _raise_stream_error(exc)
+            else:
+                await cancel_shielded_checkpoint()
+                if data:
+                    return data
+                raise StopAsyncIteration
+            while True:
+                await wait_readable(sock)
+                try:
+                    data = sock.recv(DEFAULT_RECEIVE_SIZE)
+                except BlockingIOError:
+                    pass  # woken spuriously: wait again
+                except OSError as exc:
+                    _raise_stream_error(exc)
+                else:
+                    if data:
+                        return data
+                    raise StopAsyncIteration
+        finally:
+            self._receiving = False
+
     # ---- sending ---------------------------------------------------------
 
     def _shut_wr_by_trio_socket(self) -> bool:
