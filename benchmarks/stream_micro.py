@@ -1,45 +1,58 @@
-"""Micro-benchmark of the stream a handler gets: trio's, ours, and a bare loop.
+"""Micro-benchmark of the stream a handler gets: trio's, ours, and two floors.
 
-Run from the repository's root (bounded to about 30 s on the defaults)::
+Run from the repository's root (about 40 s on the defaults)::
 
     python -m benchmarks.stream_micro
-    python -m benchmarks.stream_micro --rounds 3 --round-trips 5000   # quick
-    python -m benchmarks.stream_micro --profile ours                  # cProfile
-    python -m benchmarks.stream_micro --pieces                        # unit costs
+    python -m benchmarks.stream_micro --rounds 3 --round-trips 3000   # quick
+    python -m benchmarks.stream_micro --loadgen     # + the C load generator
+    python -m benchmarks.stream_micro --profile ours                 # cProfile
+    python -m benchmarks.stream_micro --pieces      # unit costs, ns per call
 
-Three echo servers, each one task running over a connected loopback TCP
-socket:
+Four echo servers, each one task per connected loopback TCP socket:
 
 * ``trio``: :class:`trio.SocketStream`, handler ``async for data in stream:
   await stream.send_all(data)`` (the one ``benchmarks/pyservers.py`` runs);
 * ``ours``: :class:`trio_evlisten._stream.SocketStream`, the same handler;
-* ``bare``: the floor: the stdlib socket, ``recv``/``send``, and
-  :func:`trio.lowlevel.wait_readable`/``wait_writable`` only on EAGAIN (no
-  checkpoint when the call need not wait, no busy or closed checks).
+* ``floor``: the stdlib socket's ``recv``/``send`` with trio's checkpoint
+  sandwich around each (:func:`trio.lowlevel.checkpoint_if_cancelled`
+  before, :func:`~trio.lowlevel.cancel_shielded_checkpoint` after, a wait
+  only on EAGAIN) and nothing else: a lower bound for any stream with
+  trio's semantics built on trio's public API;
+* ``bare``: ``recv``/``send`` and trio's waits only on EAGAIN: no schedule
+  point when nothing waits (not a valid trio stream; the absolute floor).
 
 What it measures, each as the median (min-max) of ``--rounds`` rounds, the
-servers interleaved within a round:
+servers interleaved (shuffled) within a round:
 
 * **round trip, one trio.run**: a client task (a bare loop, the same for
   every server) and the server task in one ``trio.run`` ping-pong 64-byte
-  messages; CPU (:func:`time.process_time`, the whole process: client,
+  messages; CPU (:func:`time.process_time`: the whole process, client,
   server and trio's scheduler) per round trip.
-* **round trip, server only**: the same, with the client in a separate
-  Python process, so the figure is the server process's CPU alone (as the
-  project's benchmark measures "server CPU").
-* **bulk**: a client task streams ``--bulk-mib`` MiB in 64 KiB writes
-  through the echo server and reads it all back, in one ``trio.run``;
-  throughput (MiB/s of wall time, which on one busy thread is also CPU).
-* **memory per idle connection**: ``--conns`` connections accepted and
-  handed to the server, each parked in ``receive_some`` (or
-  ``wait_readable``); :mod:`tracemalloc`'s traced bytes, after minus
-  before, over the connection count. It counts what Python allocates for a
-  server-side connection: the accepted socket object, the stream, the
+* **round trip, server only**: the same with the client in a separate Python
+  process, so the figure is the server's CPU alone; then the same over
+  ``--many`` connections at once, where trio's scheduler passes are shared
+  by the tasks ready together, as in a busy server.
+* **bulk, server only**: a client process streams ``--bulk-mib`` MiB in
+  64 KiB writes through one connection and reads it back; server CPU per
+  MiB, and MiB/s.
+* **memory per idle connection**: ``--conns`` connections accepted and each
+  parked in its server's receive; :mod:`tracemalloc`'s traced bytes, after
+  minus before, per connection: the accepted socket object, the stream, the
   task and its coroutine frames, trio's per-fd epoll bookkeeping.
+* with ``--loadgen``: each server in a process of its own, pinned to CPU 0,
+  driven from CPU 1 by the project's C load generator
+  (``benchmarks/c/loadgen.c``, built with gcc): rt (64 B round trips on 100
+  connections) and bulk (8 connections), server CPU read from /proc as the
+  project's benchmark does.
 
-Error handling: a server that echoes wrong bytes stops the run with an
-AssertionError. Resource handling: every socket and the client process are
-closed or reaped before the measurement that made them returns.
+The machine's other load moves these figures by tens of percent from run to
+run; compare servers within one run.
+
+Error handling: a server that echoes wrong bytes, or a client that fails,
+stops the run with an AssertionError. Resource handling: every socket, the
+client processes and the server processes are closed, killed or reaped
+before the measurement that made them returns; the load generator is built
+in a temporary directory removed afterwards.
 """
 
 from __future__ import annotations
@@ -97,9 +110,17 @@ async def serve_ours(conn: socket.socket) -> None:
             await stream.send_all(data)
 
 
-async def serve_bare(conn: socket.socket) -> None:
-    """Echo with the stdlib socket and trio's waits only (the floor)."""
+def like_the_streams(conn: socket.socket) -> None:
+    """Set ``conn`` up as both streams do: non-blocking, TCP_NODELAY, and
+    TCP_NOTSENT_LOWAT 16 KiB (which matters for bulk)."""
     conn.setblocking(False)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 2**14)
+
+
+async def serve_bare(conn: socket.socket) -> None:
+    """Echo with the stdlib socket and trio's waits, only on EAGAIN."""
+    like_the_streams(conn)
     with conn:
         while True:
             try:
@@ -109,18 +130,21 @@ async def serve_bare(conn: socket.socket) -> None:
                 continue
             if not data:
                 return
-            await bare_send_all(conn, data)
-
-
-async def bare_send_all(sock: socket.socket, data: bytes) -> None:
-    """Send all of ``data`` on a non-blocking socket, waiting only on EAGAIN."""
-    with memoryview(data) as view:
-        sent = 0
-        while sent < len(view):
             try:
-                sent += sock.send(view[sent:])
+                sent = conn.send(data)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+                sent = 0
+            if sent != len(data):
+                await bare_send_rest(conn, data, sent)
+
+
+async def bare_send_rest(sock: socket.socket, data: bytes, sent: int) -> None:
+    """Send ``data`` from byte ``sent`` on, after a partial send (buffer full)."""
+    with memoryview(data) as view:
+        while sent < len(view):
+            await trio.lowlevel.wait_writable(sock)
+            with contextlib.suppress(BlockingIOError), view[sent:] as rest:
+                sent += sock.send(rest)
 
 
 async def serve_floor(conn: socket.socket) -> None:
@@ -130,9 +154,9 @@ async def serve_floor(conn: socket.socket) -> None:
     (:func:`trio.lowlevel.checkpoint_if_cancelled` before,
     :func:`~trio.lowlevel.cancel_shielded_checkpoint` after), as any trio
     stream must be; nothing else (no busy or closed checks, no errors
-    translated). No stream with trio's semantics can cost less.
+    translated).
     """
-    conn.setblocking(False)
+    like_the_streams(conn)
     with conn:
         while True:
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -152,8 +176,7 @@ async def serve_floor(conn: socket.socket) -> None:
             if sent == len(data):
                 await trio.lowlevel.cancel_shielded_checkpoint()
             else:
-                await trio.lowlevel.wait_writable(conn)
-                await bare_send_all(conn, data[sent:])
+                await bare_send_rest(conn, data, sent)
 
 
 async def bare_wait_recv(sock: socket.socket) -> bytes:
@@ -662,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also drive each server, in a process of its own, with the C load "
         "generator (needs gcc; about 40 s more)",
     )
-    parser.add_argument("--loadgen-seconds", type=float, default=1.5)
+    parser.add_argument("--loadgen-rounds", type=int, default=3)
+    parser.add_argument("--loadgen-seconds", type=float, default=1.0)
     parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -686,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results = trio.run(measure, args)
     if args.loadgen:
-        results.update(loadgen_runs(args.rounds, args.loadgen_seconds))
+        results.update(loadgen_runs(args.loadgen_rounds, args.loadgen_seconds))
     print(
         f"Python {sys.version.split()[0]}, trio {trio.__version__}; "
         f"{args.rounds} rounds of {args.round_trips} round trips, "
