@@ -89,11 +89,13 @@ class SocketStream(trio.abc.HalfCloseableStream):
     """A :class:`trio.abc.HalfCloseableStream` over a connected stdlib socket.
 
     The stream handlers get: :class:`trio.SocketStream`'s surface and
-    semantics (every method, every error, every checkpoint), at about half
-    its CPU cost per call and two thirds of its memory per connection. Each
-    method makes its system call on the stdlib :class:`socket.socket`
-    directly: a non-blocking attempt first, and only if the kernel says
-    "would block", :func:`trio.lowlevel.wait_readable` or
+    semantics (every method, every error, every checkpoint) for less: an
+    echo server spends about 0.6x trio's CPU per round trip under load, and
+    two thirds of its memory per idle connection (figures and how they are
+    taken: ``python -m benchmarks.stream_micro``). Each method makes its
+    system call on the stdlib :class:`socket.socket` directly: a
+    non-blocking attempt first, and only if the kernel says "would block",
+    :func:`trio.lowlevel.wait_readable` or
     :func:`~trio.lowlevel.wait_writable`. A call that succeeds at once still
     checkpoints (:func:`~trio.lowlevel.checkpoint_if_cancelled` before the
     system call, :func:`~trio.lowlevel.cancel_shielded_checkpoint` after),
@@ -110,10 +112,10 @@ class SocketStream(trio.abc.HalfCloseableStream):
     * It wraps a stdlib :class:`socket.socket` (trio's takes a trio socket).
       :attr:`socket` still gives a trio socket object for the same socket,
       made the first time it is asked for.
-    * Two tasks in ``receive_some`` at once raise
-      :exc:`trio.BusyResourceError` even when the first one is not blocked
-      (trio notices only when both wait in ``wait_readable``), as
-      :class:`trio.abc.ReceiveStream` documents it.
+    * Two tasks receiving at once (``receive_some`` or ``async for``): the
+      second raises :exc:`trio.BusyResourceError` even when the first one is
+      not blocked (trio notices only when both wait in ``wait_readable``),
+      as :class:`trio.abc.ReceiveStream` documents it.
     * ``send_all`` of a :class:`memoryview` whose items are wider than a byte
       counts bytes, not items, when a send is partial (trio's counts items).
     * Asking for :attr:`socket` for the first time after the stream was
