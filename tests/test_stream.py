@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import functools
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,7 +41,8 @@ def trios(sock: socket.socket) -> trio.SocketStream:
 async def tcp_sockets() -> tuple[socket.socket, socket.socket]:
     """A connected loopback TCP pair: (accepted side, connecting side).
 
-    Both are non-blocking, as the listener makes its accepted sockets.
+    Both are non-blocking (our stream would make the accepted one so itself;
+    trio's from_stdlib_socket does too).
     """
     with socket.socket() as lsock:
         lsock.setblocking(False)
@@ -95,15 +97,17 @@ async def fill(stream: trio.abc.SendStream) -> None:
 
 
 def makers(
-    first: Wrap, second: Wrap
+    make_pair: Callable[[], Awaitable[Pair]],
 ) -> tuple[Callable[[], Awaitable[Pair]], Callable[[], Awaitable[Pair]]]:
-    """A stream maker and a clogged-stream maker for ``check_*_stream``."""
+    """A stream maker and a clogged-stream maker for ``check_*_stream``.
 
-    async def stream_maker() -> Pair:
-        return await tcp_pair(first, second)
+    ``make_pair`` makes one connected pair, e.g.
+    ``functools.partial(tcp_pair, ours, trios)``; the clogged maker fills
+    both directions of a new pair until ``send_all`` blocks.
+    """
 
     async def clogged_stream_maker() -> Pair:
-        a, b = await tcp_pair(first, second)
+        a, b = await make_pair()
         try:
             await fill(a)
             await fill(b)
@@ -113,7 +117,7 @@ def makers(
             raise
         return a, b
 
-    return stream_maker, clogged_stream_maker
+    return make_pair, clogged_stream_maker
 
 
 # ----------------------------------------------------------------------
@@ -127,7 +131,9 @@ def makers(
 )
 async def test_conformance(first: Wrap, second: Wrap) -> None:
     with trio.fail_after(30):
-        await trio.testing.check_half_closeable_stream(*makers(first, second))
+        await trio.testing.check_half_closeable_stream(
+            *makers(functools.partial(tcp_pair, first, second))
+        )
 
 
 # ----------------------------------------------------------------------
@@ -164,14 +170,15 @@ async def peer_recv(peer: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-#: The two ways to receive: ``receive_some()`` and ``async for`` (our
-#: ``__anext__`` repeats receive_some's body, so every receive test runs both).
-RECEIVERS: dict[str, Callable[[SocketStream], Awaitable[bytes]]] = {
+#: One way to receive from our stream.
+Receive: TypeAlias = Callable[[SocketStream], Awaitable[bytes]]
+#: The two ways: ``receive_some()`` and ``async for`` (our ``__anext__``
+#: repeats receive_some's body, so every receive test runs both).
+RECEIVERS: dict[str, Receive] = {
     "receive_some": lambda stream: stream.receive_some(),
     "async for": lambda stream: stream.__anext__(),
 }
 receivers = pytest.mark.parametrize("receive", RECEIVERS.values(), ids=RECEIVERS.keys())
-Receive: TypeAlias = Callable[[SocketStream], Awaitable[bytes]]
 
 
 async def test_rejects_what_is_not_a_stdlib_stream_socket() -> None:
@@ -206,7 +213,8 @@ async def test_makes_the_socket_non_blocking_and_sets_trios_tcp_options() -> Non
             assert f"fd={conn.fileno()}" in repr(stream)
 
 
-async def test_unix_sockets_work_without_tcp_options() -> None:
+async def test_unix_sockets_work_too() -> None:
+    """The TCP options are for TCP only; a Unix stream socket works as well."""
     a, b = socket.socketpair()
     async with SocketStream(a) as sa, SocketStream(b) as sb:
         await sa.send_all(b"ping")
