@@ -8,14 +8,41 @@ import os
 import ssl
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import pytest
 import trio
 import trustme
+
+import trio_evlisten
+from trio_evlisten._options import OPTIONS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from trio_evlisten import ConnListener
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--stream",
+        choices=("ours", "trio"),
+        default="ours",
+        help="the stream class listeners hand handlers by default in this run: "
+        "trio_evlisten.SocketStream (ours) or trio.SocketStream (trio); CI runs "
+        "the suite with both",
+    )
+
+
+@pytest.fixture(autouse=True)
+def stream_class(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> type[trio.abc.HalfCloseableStream]:
+    """The class handlers get by default in this run (see ``--stream``)."""
+    if request.config.getoption("--stream") == "ours":
+        return trio_evlisten.SocketStream
+    trio_default = attrs.evolve(OPTIONS["stream"], default=trio.SocketStream)
+    monkeypatch.setitem(OPTIONS, "stream", trio_default)
+    return trio.SocketStream
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
+import trio_evlisten
 from tests.conftest import echo_handler, recv_exactly
 from trio_evlisten import Flag, open_listener
 from trio_evlisten.testing import open_stream_to
@@ -943,7 +944,7 @@ async def _hand_over(
 ) -> None:
     # Report what the handler got and whether its fd is O_NONBLOCK, as the
     # handler sees it (a trio stream is closed by the listener afterwards).
-    if isinstance(conn, trio.SocketStream):
+    if isinstance(conn, (trio.SocketStream, trio_evlisten.SocketStream)):
         fd = conn.socket.fileno()
     else:
         assert isinstance(conn, socket.socket)
@@ -1007,7 +1008,9 @@ async def test_leave_sockets_blocking_hands_over_a_blocking_socket(
                     conn.close()
 
 
-async def test_without_leave_sockets_blocking_the_handler_gets_a_trio_stream() -> None:
+async def test_without_leave_sockets_blocking_the_handler_gets_a_trio_stream(
+    stream_class: type[trio.abc.HalfCloseableStream],
+) -> None:
     send, receive = trio.open_memory_channel[tuple[object, bool]](1)
     with trio.fail_after(10):
         async with send, receive:
@@ -1021,12 +1024,13 @@ async def test_without_leave_sockets_blocking_the_handler_gets_a_trio_stream() -
                 await open_stream_to(listener) as client,
             ):
                 conn, nonblocking = await receive.receive()
-                assert isinstance(conn, trio.SocketStream)
+                assert type(conn) is stream_class
                 assert nonblocking
                 assert client is not conn
             # The listener closed the stream it handed out.
-            assert isinstance(conn, trio.SocketStream)
-            assert conn.socket.fileno() == -1
+            assert isinstance(conn, trio.abc.SendStream)
+            with pytest.raises(trio.ClosedResourceError):
+                await conn.send_all(b"closed?")
 
 
 async def test_listening_socket_is_nonblocking_with_address() -> None:

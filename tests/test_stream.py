@@ -11,6 +11,7 @@ import array
 import contextlib
 import errno
 import functools
+import math
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,9 @@ import pytest
 import trio
 import trio.testing
 
+from trio_evlisten import Flag, open_listener
 from trio_evlisten._stream import NOTSENT_LOWAT, SocketStream
+from trio_evlisten.testing import open_stream_to
 
 #: Wraps one connected stdlib socket into a stream.
 Wrap: TypeAlias = Callable[[socket.socket], trio.abc.HalfCloseableStream]
@@ -134,6 +137,37 @@ async def test_conformance(first: Wrap, second: Wrap) -> None:
         await trio.testing.check_half_closeable_stream(
             *makers(functools.partial(tcp_pair, first, second))
         )
+
+
+@pytest.mark.parametrize("server_first", [True, False], ids=["ours-peer", "peer-ours"])
+async def test_conformance_of_streams_the_listener_hands_out(
+    server_first: bool,
+) -> None:
+    """The stream as handlers get it: accepted, set up and owned by the listener."""
+    send, receive = trio.open_memory_channel[trio.abc.HalfCloseableStream](math.inf)
+
+    async def hand_out(listener: object, conn: SocketStream, addr: object) -> None:
+        # The handler stays alive while the suite uses its stream (the
+        # listener closes a stream when its handler returns).
+        await send.send(conn)
+        await trio.sleep_forever()
+
+    with trio.fail_after(60):
+        async with open_listener(
+            hand_out,
+            address=("127.0.0.1", 0),
+            flags=Flag.CLOSE_ON_FREE,
+            stream=SocketStream,
+            drain_timeout=0,
+        ) as listener:
+
+            async def make_pair() -> Pair:
+                client = await open_stream_to(listener)
+                server = await receive.receive()
+                assert type(server) is SocketStream
+                return (server, client) if server_first else (client, server)
+
+            await trio.testing.check_half_closeable_stream(*makers(make_pair))
 
 
 # ----------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ._options import FD_RESERVE as FD_RESERVE
 from ._options import ListenerOptions as ListenerOptions
 from ._stats import DrainResult as DrainResult
 from ._stats import ListenerStatistics as ListenerStatistics
+from ._stream import SocketStream as SocketStream
 from ._version import __version__ as __version__
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "ListenerOptions",
     "ListenerStatistics",
     "ResourceLimitWarning",
+    "SocketStream",
     "__version__",
     "activation_sockets",
     "hand_off",
@@ -62,6 +64,7 @@ for _obj in (
     ListenerOptions,
     ListenerStatistics,
     ResourceLimitWarning,
+    SocketStream,
     activation_sockets,
     hand_off,
     notify_ready,

@@ -23,6 +23,7 @@ import trio
 from ._errors import GroupedLog
 from ._flags import Flag
 from ._proxy_gate import REJECTED
+from ._stream import SocketStream
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -72,7 +73,13 @@ class Connections:
         if self._flags & Flag.LEAVE_SOCKETS_BLOCKING:
             conn.setblocking(True)
             return conn
-        return _stream(conn)
+        return self._stream(conn)
+
+    def _stream(self, conn: StdSocket) -> SocketStream | trio.SocketStream:
+        if self._options["stream"] is SocketStream:
+            # No trio socket object unless the handler asks for .socket.
+            return SocketStream(conn)
+        return trio.SocketStream(trio.socket.from_stdlib_socket(conn))
 
     async def open(self, conn: StdSocket, addr: Any) -> tuple[object, Any] | None:
         """Run the preamble: what the handler gets, and the address it sees.
@@ -96,7 +103,7 @@ class Connections:
             context = self._options["ssl_context"]
             if context is None:
                 return self.plain(conn), addr
-            tls = trio.SSLStream(_stream(conn), context, server_side=True)
+            tls = trio.SSLStream(self._stream(conn), context, server_side=True)
             if await self._handshake(tls, addr):
                 return tls, addr
             close(conn)
@@ -193,7 +200,3 @@ def close(conn: StdSocket) -> None:
     if conn.fileno() != -1:
         trio.lowlevel.notify_closing(conn)
         conn.close()
-
-
-def _stream(conn: StdSocket) -> trio.SocketStream:
-    return trio.SocketStream(trio.socket.from_stdlib_socket(conn))

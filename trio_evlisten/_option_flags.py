@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str]) -> None
         option = OPTIONS[name]
         cli = option.cli
         assert cli is not None, f"{name} has no command-line spelling"
-        help_text = f"{_plain(option.doc)} (default: {option.default!r})"
+        help_text = f"{_plain(option.doc)} (default: {option.shown})"
         if cli.metavar is None:
             parser.add_argument(
                 _flag(name),
