@@ -15,13 +15,14 @@ import math
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import attrs
 import pytest
 import trio
 import trio.testing
 
+from tests.test_socket import is_nonblocking
 from trio_evlisten import Flag, open_listener
 from trio_evlisten._stream import NOTSENT_LOWAT, SocketStream
 from trio_evlisten.testing import open_stream_to
@@ -702,3 +703,34 @@ async def test_send_all_counts_bytes_of_a_wide_memoryview() -> None:
     """A partial send of int items resumes at the right byte, not item."""
     ints = array.array("i", range(BIG // 4))
     await send_and_collect(memoryview(ints), ints.tobytes())
+
+
+@pytest.mark.parametrize("stream", [SocketStream, trio.SocketStream])
+async def test_handlers_streams_have_the_tcp_options_whoever_set_them(
+    stream: type[SocketStream] | type[trio.SocketStream],
+) -> None:
+    """Ours come with them from the listening socket (Linux copies them into
+    each accepted socket); trio's set them on each. Either way, as trio does."""
+    seen: list[tuple[int, int, bool]] = []
+
+    async def report(listener: object, conn: Any, addr: object) -> None:
+        seen.append(
+            (
+                conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT),
+                is_nonblocking(conn.socket.fileno()),
+            )
+        )
+
+    with trio.fail_after(10):
+        async with (
+            open_listener(
+                report,
+                address=("127.0.0.1", 0),
+                flags=Flag.CLOSE_ON_FREE,
+                stream=stream,
+            ) as listener,
+            await open_stream_to(listener) as client,
+        ):
+            assert await client.receive_some() == b""
+    assert seen == [(1, NOTSENT_LOWAT, True)]

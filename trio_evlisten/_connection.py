@@ -23,9 +23,10 @@ import trio
 from ._errors import GroupedLog
 from ._flags import Flag
 from ._proxy_gate import REJECTED
-from ._stream import SocketStream
+from ._stream import SocketStream, adopt, prepare_listening_socket
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from contextlib import AbstractContextManager
     from socket import socket as StdSocket
 
@@ -59,11 +60,19 @@ class Connections:
     #: Set by drain() once it cancels: what fails then is the drain's doing.
     cancelling: bool = attrs.field(default=False, init=False)
     has_preamble: bool = attrs.field(init=False)
+    # Accepted sockets inherit the stream's TCP options (see prepare()).
+    _adopt: bool = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.has_preamble = (
             self._proxy is not None or self._options["ssl_context"] is not None
         )
+        self._adopt = False
+
+    def prepare(self, listening: StdSocket) -> None:
+        """Set what each stream needs on the listening socket, once, if it can."""
+        if self._options["stream"] is SocketStream:
+            self._adopt = prepare_listening_socket(listening)
 
     # ------------------------------------------------------------------
     # Before the handler
@@ -77,8 +86,9 @@ class Connections:
 
     def _stream(self, conn: StdSocket) -> SocketStream | trio.SocketStream:
         if self._options["stream"] is SocketStream:
-            # No trio socket object unless the handler asks for .socket.
-            return SocketStream(conn)
+            # No trio socket object unless the handler asks for .socket; the
+            # TCP options came with the socket from the listening one.
+            return adopt(conn) if self._adopt else SocketStream(conn)
         return trio.SocketStream(trio.socket.from_stdlib_socket(conn))
 
     async def open(self, conn: StdSocket, addr: Any) -> tuple[object, Any] | None:
@@ -138,8 +148,14 @@ class Connections:
         addr: Any,
         cb: AcceptCallback,
         args: tuple[Any, ...],
+        done: Callable[[], None] | None = None,
     ) -> None:
         """Call the handler with ``handed``; supervise it; close what we own.
+
+        ``handed=None`` hands it :meth:`plain`'s stream (no preamble). With
+        ``done``, this is the connection's task itself, and ``done()`` is
+        called last (the host's count): one coroutine frame less for each
+        waiting connection than a wrapper around this call would cost.
 
         Error handling:
             A handler's :exc:`Exception` is counted and logged (grouped: the
@@ -153,6 +169,8 @@ class Connections:
             handler then owns.
         """
         try:
+            if handed is None:
+                handed = self.plain(conn)
             await cb(self._owner, handed, addr, *args)
             if isinstance(handed, trio.SSLStream):
                 # Say goodbye properly (close_notify), so the client can tell
@@ -183,6 +201,8 @@ class Connections:
             # handed over.
             if handed is not conn:
                 close(conn)
+            if done is not None:
+                done()
 
     def _log_error(self, exc: Exception, addr: Any) -> None:
         last = f"{exc!r} from {addr!r}"

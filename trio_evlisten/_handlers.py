@@ -173,9 +173,23 @@ class Handlers:
             # costs a string allocation per connection (~280 B held while
             # the connection lives) and CPU on the accept path.
             assert self._spawn_into is not None
-            self._spawn_into.start_soon(
-                self._run, conn, addr, cb, args, name=self._gate.task_name
-            )
+            if self._scoped or self._conns.has_preamble:
+                self._spawn_into.start_soon(
+                    self._run, conn, addr, cb, args, name=self._gate.task_name
+                )
+            else:
+                # The common case needs nothing of ours around the handler
+                # but the count: the connection's own run is the task.
+                self._spawn_into.start_soon(
+                    self._conns.run,
+                    conn,
+                    None,
+                    addr,
+                    cb,
+                    args,
+                    self._finished_active,
+                    name=self._gate.task_name,
+                )
         except BaseException:
             # Typically "Nursery is closed to new arrivals": the handler
             # nursery the user gave us has finished. The connection must not
@@ -200,7 +214,7 @@ class Handlers:
         try:
             with scope:
                 if slot:
-                    await conns.run(conn, conns.plain(conn), addr, cb, args)
+                    await conns.run(conn, None, addr, cb, args)
                     return
                 opened = await conns.open(conn, addr)
                 if opened is None:
@@ -223,6 +237,9 @@ class Handlers:
                     # a burst of connections grew (clear() does, cheaply).
                     scopes.clear()
             self._finished(slot=slot)
+
+    def _finished_active(self) -> None:
+        self._finished(slot=True)
 
     def _finished(self, *, slot: bool) -> None:
         with self._gate.lock:

@@ -104,6 +104,7 @@ class ConnListener:
         self._conns = Connections(
             self, self._flags, options, self._proxy, gate.lock, handler_log
         )
+        self._conns.prepare(self._lsock.std)
         self._handlers = Handlers(
             gate,
             self._conns,
