@@ -9,6 +9,7 @@ import socket
 import ssl
 import struct
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -146,6 +147,14 @@ def test_v2_unix_paths_and_abstract_names() -> None:
     assert header.destination == b"\0abstract"
 
 
+def test_v2_unix_unnamed_source_is_the_empty_str_accept_gives() -> None:
+    # A client socket is usually unnamed; accept() gives '' (a str) for it.
+    body = b"\0" * 108 + b"/run/app.sock".ljust(108, b"\0")
+    header = parse_header(v2(1, 0x31, body))
+    assert header.source == ""
+    assert header.destination == "/run/app.sock"
+
+
 @pytest.mark.parametrize("fam", [0x00, 0x11, 0x99, 0xFF])
 def test_v2_local_ignores_the_address_block(fam: int) -> None:
     data = v2(0, fam, b"\xaa" * 5)
@@ -243,6 +252,7 @@ Seen = tuple[Any, bytes]
 
 @asynccontextmanager
 async def proxy_server(
+    address: Any = LOCAL,
     **kwargs: Any,
 ) -> AsyncIterator[tuple[ConnListener, trio.MemoryReceiveChannel[Seen]]]:
     """A listener whose handler reports (addr, bytes until EOF) and echoes them."""
@@ -256,7 +266,11 @@ async def proxy_server(
         await send.send((addr, data))
 
     async with open_listener(
-        handler, address=LOCAL, flags=Flag.CLOSE_ON_FREE, proxy_protocol=True, **kwargs
+        handler,
+        address=address,
+        flags=Flag.CLOSE_ON_FREE,
+        proxy_protocol=True,
+        **kwargs,
     ) as listener:
         yield listener, receive
 
@@ -316,6 +330,54 @@ async def test_local_and_unknown_give_the_real_peer(header: bytes) -> None:
                 assert await exchange(client, header, b"x") == b"x"
                 real = client.socket.getsockname()
             assert await seen.receive() == (real, b"x")
+
+
+UNIX_V2 = v2(1, 0x31, b"/run/client.sock".ljust(108, b"\0") + b"\0" * 108)
+
+
+async def test_unix_family_header_on_a_tcp_listener_gives_the_real_peer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The handler of a TCP listener expects (host, port): a path in its
+    # place would break it. As the spec allows for an unsupported family,
+    # and as HAProxy and nginx do, fall back to the real peer's address;
+    # the header is valid and its sender trusted, so this is no rejection.
+    caplog.set_level(logging.DEBUG, logger="trio_evlisten")
+    with trio.fail_after(10):
+        async with proxy_server() as (listener, seen):
+            async with await connect(listener, "127.0.0.3") as client:
+                assert await exchange(client, UNIX_V2, b"x") == b"x"
+                real = client.socket.getsockname()
+            assert await seen.receive() == (real, b"x")
+            assert listener.statistics().proxy_rejected == 0
+    assert "names a Unix-socket client '/run/client.sock'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        # What PROXY over a Unix socket is for: a TCP client, relayed.
+        (TCP4_V1, ("192.0.2.1", 56324)),
+        (TCP4_V2, ("192.0.2.1", 56324)),
+        (TCP6_V2, ("2001:db8::1", 1, 0, 0)),
+        (UNIX_V2, "/run/client.sock"),
+        (v2(1, 0x31, b"\0" * 216), ""),
+        (v2(0, 0, b""), ""),  # LOCAL: the real, unnamed peer
+    ],
+)
+async def test_unix_listener_hands_over_the_headers_address(
+    tmp_path: Path, header: bytes, expected: Any
+) -> None:
+    path = str(tmp_path / "s")
+    with trio.fail_after(10):
+        async with proxy_server(path) as (listener, seen):
+            sock = trio.socket.socket(socket.AF_UNIX)
+            with sock:
+                await sock.connect(path)
+                async with trio.SocketStream(sock) as client:
+                    assert await exchange(client, header, b"y") == b"y"
+            assert await seen.receive() == (expected, b"y")
+            assert listener.statistics().proxy_rejected == 0
 
 
 async def test_header_in_pieces_is_waited_for(

@@ -75,7 +75,8 @@ class ProxyHeader:
             maps here): use the real peer's address.
         source: the original client's address in the shape ``accept()``
             gives for its family (``(host, port)``, ``(host, port, 0, 0)``,
-            a Unix path), or ``None`` for ``LOCAL``.
+            a Unix path: ``str``, ``bytes`` for an abstract name, ``''`` for
+            an unnamed socket), or ``None`` for ``LOCAL``.
         destination: the address the client connected to, same shape.
         length: the header's length in bytes, all of which were consumed.
     """
@@ -236,9 +237,13 @@ def _parse_v2(data: bytes) -> ProxyHeader:
 
 
 def _unix_path(raw: bytes) -> str | bytes:
-    if raw[:1] == b"\0":
-        # Linux's abstract namespace; accept() gives those as bytes too.
-        return raw.rstrip(b"\0")
+    """A 108-byte ``sun_path`` as ``accept()`` gives it in Python."""
+    name = raw.rstrip(b"\0")
+    if name[:1] == b"\0":
+        # Linux's abstract namespace: bytes, leading NUL kept, as accept()
+        # gives them (the fixed-size field hides trailing NULs of the name).
+        return name
+    # A path, or '' for an unnamed socket (all zeros), as accept() gives one.
     return os.fsdecode(raw.split(b"\0", 1)[0])
 
 
