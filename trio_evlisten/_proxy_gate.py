@@ -22,9 +22,11 @@ The address a handler gets (its ``addr``):
   ignored and the handler gets the real peer's, as for ``LOCAL``: the spec
   lets a receiver that does not support a family fall back to ``UNSPEC``
   ("accept the connection anyway and use the real endpoint addresses"), and
-  HAProxy and nginx, as receivers, do exactly that for every family but
-  IPv4 and IPv6. It is not a rejection (the proxy is trusted and its header
-  valid): nothing is counted, and a DEBUG line names it.
+  HAProxy and nginx, as receivers, do exactly that for everything but TCP
+  over IPv4 and IPv6. It is not a rejection (the proxy is trusted and its
+  header valid): nothing is counted, and a DEBUG line names it. (UDP over
+  IPv4/IPv6, ``0x12``/``0x22``, is handed over like TCP: the address has
+  the shape the handler expects.)
 * ``LOCAL`` (health checks), v1 ``UNKNOWN``, v2 ``UNSPEC``: the real peer's
   address, as ``accept()`` gave it (on a Unix listener usually ``''``).
 
