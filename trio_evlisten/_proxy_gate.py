@@ -1,5 +1,39 @@
 """The listener's side of ``proxy_protocol=True``: who is trusted, the timeout,
-the count and the rate-limited warning around :func:`._proxy.read_header`."""
+the count and the rate-limited warning around :func:`._proxy.read_header`, and
+which address the handler is given.
+
+The address a handler gets (its ``addr``):
+
+* A ``PROXY`` header naming a TCP client (v1 ``TCP4``/``TCP6``, v2 families
+  ``0x1``/``0x2``): that client's address, in the shape ``accept()`` gives for
+  its family, whatever the listener's own family: IPv4 ``(host, port)``, IPv6
+  ``(host, port, flowinfo, scope_id)`` (the last two are 0). So an IPv4
+  listener behind an IPv6 proxy gets 4-tuples, and an IPv6 listener gets
+  2-tuples from ``TCP4`` headers (not the ``::ffff:a.b.c.d`` form ``accept()``
+  gives a dual-stack socket).
+* On a Unix-socket listener, the same: a proxy that relays TCP clients to a
+  Unix socket (HAProxy's ``server app unix@/run/app.sock send-proxy-v2``) is
+  what PROXY over a Unix socket is for, so the handler of such a listener gets
+  tuples as well as paths.
+* A v2 header with a Unix-socket source (family ``0x3``): on a Unix listener,
+  that path, as ``accept()`` would give it: a ``str``, ``bytes`` for a Linux
+  abstract name (leading NUL kept), ``''`` for an unnamed peer. On a TCP
+  listener, whose handler expects ``(host, port)``, the header's address is
+  ignored and the handler gets the real peer's, as for ``LOCAL``: the spec
+  lets a receiver that does not support a family fall back to ``UNSPEC``
+  ("accept the connection anyway and use the real endpoint addresses"), and
+  HAProxy and nginx, as receivers, do exactly that for everything but TCP
+  over IPv4 and IPv6. It is not a rejection (the proxy is trusted and its
+  header valid): nothing is counted, and a DEBUG line names it. (UDP over
+  IPv4/IPv6, ``0x12``/``0x22``, is handed over like TCP: the address has
+  the shape the handler expects.)
+* ``LOCAL`` (health checks), v1 ``UNKNOWN``, v2 ``UNSPEC``: the real peer's
+  address, as ``accept()`` gave it (on a Unix listener usually ``''``).
+
+Anything else (an untrusted peer, a malformed, oversized or truncated header,
+a timeout) closes the connection before the handler runs, counted in
+``proxy_rejected`` and warned about at most once per :data:`WARN_INTERVAL`.
+"""
 
 from __future__ import annotations
 
@@ -86,7 +120,16 @@ REJECTED: Final = object()
 
 @attrs.define(eq=False)
 class ProxyGate:
-    """The listener's PROXY header reader: trust, timeout, count, log."""
+    """The listener's PROXY header reader: trust, timeout, count, log.
+
+    Attributes:
+        trusted: who may send a header (``proxy_trusted``).
+        timeout: how long a header may take to arrive (``proxy_timeout``).
+        where: the listener's own address (``getsockname()``): named in the
+            warnings, and its family decides what a Unix-family header gives
+            (see the module's docstring).
+        rejected: connections closed so far without calling the handler.
+    """
 
     trusted: tuple[Network, ...]
     timeout: float
@@ -96,10 +139,25 @@ class ProxyGate:
     _suppressed: int = attrs.field(default=0, init=False)
 
     async def read(self, sock: trio.socket.SocketType, addr: Any) -> Any:
-        """The client's address from the header, or :data:`REJECTED`.
+        """The address to hand the handler, or :data:`REJECTED`.
 
-        For ``LOCAL`` (and v1 ``UNKNOWN``, v2 ``UNSPEC``) it is ``addr``, the
-        real peer's.
+        Args:
+            sock: the accepted connection, still non-blocking.
+            addr: the peer's address as ``accept()`` gave it.
+
+        Returns:
+            The original client's address from the header; ``addr`` for
+            ``LOCAL`` (and v1 ``UNKNOWN``, v2 ``UNSPEC``) and, on a TCP
+            listener, for a Unix-family header (the module's docstring lists
+            every case); :data:`REJECTED` if the connection must be closed.
+
+        Error handling:
+            An untrusted peer, a bad or truncated header, a reset, or no
+            complete header within :attr:`timeout`: counted in
+            :attr:`rejected`, warned about (rate-limited), ``REJECTED``.
+
+        Resource handling:
+            ``sock`` stays the caller's, who closes it on ``REJECTED``.
         """
         if not is_trusted(addr, self.trusted):
             self._reject(addr, "the peer is not in proxy_trusted")
@@ -111,9 +169,26 @@ class ProxyGate:
             except ProxyHeaderError as exc:
                 self._reject(addr, str(exc))
                 return REJECTED
-            return addr if header.source is None else header.source
+            return self._address(header.source, addr)
         self._reject(addr, f"no complete PROXY header within {self.timeout} s")
         return REJECTED
+
+    def _address(self, source: Any, addr: Any) -> Any:
+        if source is None:
+            return addr
+        if isinstance(self.where, tuple) and not isinstance(source, tuple):
+            # A Unix-socket client named to a TCP listener: no (host, port)
+            # to give, so fall back to UNSPEC as the spec allows and HAProxy
+            # and nginx do.
+            logger.debug(
+                "listener %r: PROXY header from %r names a Unix-socket client "
+                "%r; using the real peer's address",
+                self.where,
+                addr,
+                source,
+            )
+            return addr
+        return source
 
     def _reject(self, addr: Any, why: str) -> None:
         self.rejected += 1
