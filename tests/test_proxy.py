@@ -19,6 +19,7 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import trio_evlisten._proxy_gate
 from tests.conftest import recv_exactly
 from trio_evlisten import ConnListener, Flag, open_listener
 from trio_evlisten._proxy import (
@@ -322,6 +323,45 @@ async def test_handler_sees_the_original_client_and_exactly_its_bytes(
             assert (stats.accepted, stats.proxy_rejected) == (1, 0)
 
 
+async def test_the_header_is_read_from_a_non_blocking_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # accept() returns blocking sockets; a header read from one would stall
+    # the whole loop until the client sent something (a silent client: for
+    # ever). Checked at the reader's door, so a regression fails here at once
+    # instead of hanging the suite.
+    blocking: list[bool] = []
+    real = read_header
+
+    async def spy(sock: socket.socket) -> ProxyHeader:
+        blocking.append(sock.getblocking())
+        return await real(sock)
+
+    monkeypatch.setattr(trio_evlisten._proxy_gate, "read_header", spy)
+    with trio.fail_after(10):
+        async with proxy_server() as (listener, seen):
+            async with await connect(listener) as client:
+                assert await exchange(client, TCP4_V1, b"hi") == b"hi"
+            assert await seen.receive() == (("192.0.2.1", 56324), b"hi")
+    assert blocking == [False]
+
+
+async def test_clients_yet_to_send_their_header_hold_up_no_one() -> None:
+    with trio.fail_after(10):
+        async with (
+            proxy_server() as (listener, seen),
+            await connect(listener) as silent,
+            await connect(listener) as partial,
+            await connect(listener) as honest,
+        ):
+            await partial.send_all(TCP4_V1[:10])
+            await trio.testing.wait_all_tasks_blocked()
+            assert await exchange(honest, TCP4_V1 + b"hi") == b"hi"
+            assert await seen.receive() == (("192.0.2.1", 56324), b"hi")
+            assert listener.statistics().pending == 2
+            await silent.send_all(b"")
+
+
 @pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", v2(0, 0, b"")])
 async def test_local_and_unknown_give_the_real_peer(header: bytes) -> None:
     with trio.fail_after(10):
@@ -400,12 +440,18 @@ async def test_header_in_pieces_is_waited_for(
             assert listener.statistics().proxy_rejected == 0
 
 
-class CountingSocket(trio.socket.SocketType):
-    """A trio socket that counts the ``recv()`` calls made on it."""
+def stdlib(sock: trio.socket.SocketType) -> socket.socket:
+    """The stdlib socket inside a trio socket (what the listener reads from)."""
+    inner = sock._sock  # type: ignore[attr-defined]
+    assert isinstance(inner, socket.socket)
+    return inner
+
+
+class CountingSocket:
+    """A stdlib socket's ``recv()`` and ``fileno()``, counting the recv calls."""
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
-        super().__init__()
-        self._sock = sock
+        self._sock = stdlib(sock)
         self.recvs = 0
 
     def __repr__(self) -> str:
@@ -414,9 +460,9 @@ class CountingSocket(trio.socket.SocketType):
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    async def recv(self, bufsize: int, flags: int = 0) -> bytes:
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
         self.recvs += 1
-        return await self._sock.recv(bufsize, flags)
+        return self._sock.recv(bufsize, flags)
 
 
 @asynccontextmanager
@@ -497,7 +543,8 @@ async def test_a_header_in_pieces_costs_nothing_while_no_byte_arrives(
             trio.lowlevel.remove_instrument(steps)
             assert parsed.source == ("192.0.2.1", 56324)
             assert trio.current_time() >= 100 * len(cuts)
-            assert counting.recvs <= len(cuts)
+            # One peek per piece, and one first look before any byte came.
+            assert counting.recvs <= len(cuts) + 1
             assert steps.steps <= 2 * len(cuts) + 1
             assert await b.recv(100) == b"app"
 
@@ -765,7 +812,7 @@ async def _read_through_a_socket(data: bytes, pieces: Iterable[int]) -> None:
             nursery.start_soon(sender)
             try:
                 with trio.fail_after(60):  # virtual time
-                    header: ProxyHeader | None = await read_header(b)
+                    header: ProxyHeader | None = await read_header(stdlib(b))
             except ProxyHeaderError:
                 header = None
             rest = b""

@@ -103,10 +103,10 @@ class Connections:
         try:
             if self._proxy is not None:
                 # Before the TLS handshake: the header comes in clear. Read
-                # while the socket is still non-blocking, in this task.
-                addr = await self._proxy.read(
-                    trio.socket.from_stdlib_socket(conn), addr
-                )
+                # in this task, never the accept loop's, on a non-blocking
+                # socket (accept() returns blocking ones).
+                conn.setblocking(False)
+                addr = await self._proxy.read(conn, addr)
                 if addr is REJECTED:
                     close(conn)
                     return None

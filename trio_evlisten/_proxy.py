@@ -26,7 +26,7 @@ import os
 import re
 import socket
 import struct
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import attrs
 import trio
@@ -247,7 +247,7 @@ def _unix_path(raw: bytes) -> str | bytes:
     return os.fsdecode(raw.split(b"\0", 1)[0])
 
 
-async def read_header(sock: trio.socket.SocketType) -> ProxyHeader:
+async def read_header(sock: Peekable) -> ProxyHeader:
     """Read one PROXY header from ``sock``, consuming exactly its bytes.
 
     Peek (``MSG_PEEK``) at what has arrived, up to the longest header that
@@ -268,6 +268,9 @@ async def read_header(sock: trio.socket.SocketType) -> ProxyHeader:
     next byte, or for the peer's EOF or reset, which end the read at once.
     The caller's timeout bounds the whole.
 
+    ``sock`` is the accepted, non-blocking stdlib socket (anything with its
+    ``recv(bufsize, flags)`` and ``fileno()``).
+
     Raises:
         ProxyHeaderError: a bad header, or the peer closed the connection
             (or reset it) before the header was complete.
@@ -285,7 +288,12 @@ async def read_header(sock: trio.socket.SocketType) -> ProxyHeader:
         # only a look), but there is no reason to.
         limit = (V2_MAX if total is None else total) - len(buf)
         try:
-            data = await sock.recv(limit, socket.MSG_PEEK)
+            # The stdlib socket's own recv(): non-blocking, so it answers at
+            # once; trio's would add a trip through the scheduler per peek.
+            data = sock.recv(limit, socket.MSG_PEEK)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
         except OSError as exc:
             raise ProxyHeaderError(
                 f"connection failed before the header: {exc}"
@@ -306,7 +314,15 @@ async def read_header(sock: trio.socket.SocketType) -> ProxyHeader:
         await trio.lowlevel.wait_readable(sock)
 
 
-def _take(sock: trio.socket.SocketType, size: int) -> bytes:
+class Peekable(Protocol):
+    """What :func:`read_header` needs of a socket: a stdlib socket's calls."""
+
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes: ...
+
+    def fileno(self) -> int: ...
+
+
+def _take(sock: Peekable, size: int) -> bytes:
     """Consume the ``size`` bytes that a peek has just seen in ``sock``.
 
     A plain ``read(2)``: the bytes are there, so there is nothing to wait

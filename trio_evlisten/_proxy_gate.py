@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 import attrs
 import trio
 
-from ._proxy import ProxyHeaderError, read_header
+from ._proxy import Peekable, ProxyHeaderError, read_header
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -138,7 +138,7 @@ class ProxyGate:
     _next_warning: float = attrs.field(default=-math.inf, init=False)
     _suppressed: int = attrs.field(default=0, init=False)
 
-    async def read(self, sock: trio.socket.SocketType, addr: Any) -> Any:
+    async def read(self, sock: Peekable, addr: Any) -> Any:
         """The address to hand the handler, or :data:`REJECTED`.
 
         Args:
