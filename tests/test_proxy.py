@@ -460,6 +460,13 @@ class CountingSocket:
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    @property
+    def family(self) -> int:
+        return self._sock.family
+
+    def setsockopt(self, level: int, option: int, value: int, /) -> None:
+        self._sock.setsockopt(level, option, value)
+
     def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
         self.recvs += 1
         return self._sock.recv(bufsize, flags)
@@ -794,6 +801,38 @@ def _check_parser(data: bytes) -> None:
     except ProxyHeaderError:
         return
     assert header.length == need
+
+
+async def test_a_tcp_dribble_wakes_the_reader_only_when_a_header_could_be_whole(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # One byte every 100 s (virtual): on TCP, SO_RCVLOWAT keeps the reader
+    # asleep until 15 bytes (the shortest v1 header) could be there; then
+    # the socket is left with the kernel's default for the application.
+    with trio.fail_after(10_000):
+        async with socket_pair("tcp") as (a, b), trio.open_nursery() as nursery:
+            counting = CountingSocket(b)
+            steps = TaskSteps(trio.lowlevel.current_task())
+
+            async def dribble() -> None:
+                await a.send(TCP4_V1[:1])
+                for i in range(1, len(TCP4_V1)):
+                    await trio.sleep(100)
+                    await a.send(TCP4_V1[i : i + 1] + (b"app" if i == 44 else b""))
+
+            nursery.start_soon(dribble)
+            trio.lowlevel.add_instrument(steps)
+            parsed = await read_header(counting)
+            trio.lowlevel.remove_instrument(steps)
+            assert parsed.source == ("192.0.2.1", 56324)
+            # 45 bytes, 44 pauses: a first look (nothing yet), the first byte,
+            # asleep until 15 are there, then a wake-up per byte once the
+            # header could end with any of them (46 looks without the mark).
+            assert counting.recvs <= 3 + (len(TCP4_V1) - 15)
+            assert steps.steps <= 2 * (3 + len(TCP4_V1) - 15)
+            lowat = stdlib(b).getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+            assert lowat == 1
+            assert await b.recv(100) == b"app"
 
 
 async def _read_through_a_socket(data: bytes, pieces: Iterable[int]) -> None:

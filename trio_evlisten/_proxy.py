@@ -42,9 +42,13 @@ V2_FIXED: Final = 16
 #: room while bounding what one connection can make us buffer.
 V2_MAX: Final = 4096
 V1_PREFIX: Final = b"PROXY "
+#: The shortest v1 header: ``PROXY UNKNOWN`` and CRLF.
+V1_MIN: Final = len(b"PROXY UNKNOWN\r\n")
 #: The spec's limit, CRLF included: "PROXY UNKNOWN " + two full-length
 #: IPv6 addresses + two 5-digit ports, spaces between.
 V1_MAX: Final = 107
+
+_TCP: Final = frozenset({socket.AF_INET, socket.AF_INET6})
 
 # v2 family/protocol byte: the only values the spec allows.
 _V2_FAMILIES: Final = {
@@ -282,6 +286,7 @@ async def read_header(sock: Peekable) -> ProxyHeader:
     """
     buf = bytearray()
     total: int | None = None
+    lowat = 1  # SO_RCVLOWAT as we left it (1 is the kernel's default)
     while True:
         # No header is longer than V2_MAX; once its length is known, no
         # longer than that. Peeking more than that would be harmless (it is
@@ -307,17 +312,45 @@ async def read_header(sock: Peekable) -> ProxyHeader:
         total = header_length(seen)
         if total is not None and len(seen) >= total:
             rest = _take(sock, total - len(buf))
+            if lowat != 1:
+                # The application reads this socket next: as it was.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             return parse_header(bytes(buf) + rest if buf else rest)
         # Incomplete: every byte seen is the header's, so take them all, and
         # wait on the now empty socket for the next one.
         buf += _take(sock, len(data))
+        if sock.family in _TCP:
+            # On TCP, wake only once enough has come to possibly complete
+            # the header (Linux's epoll honours SO_RCVLOWAT; EOF and resets
+            # still wake at once): a peer dribbling a byte a second costs no
+            # wake-up at all until then.
+            need = _shortest_rest(buf, total)
+            if need != lowat:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
+                lowat = need
         await trio.lowlevel.wait_readable(sock)
+
+
+def _shortest_rest(prefix: bytes | bytearray, total: int | None) -> int:
+    """How many more bytes at least before ``prefix`` could be a whole header."""
+    if total is not None:
+        shortest = total
+    elif prefix[: len(V2_SIGNATURE)] == V2_SIGNATURE[: len(prefix)]:
+        shortest = V2_FIXED
+    else:
+        shortest = V1_MIN
+    return max(shortest - len(prefix), 1)
 
 
 class Peekable(Protocol):
     """What :func:`read_header` needs of a socket: a stdlib socket's calls."""
 
+    @property
+    def family(self) -> int: ...
+
     def recv(self, bufsize: int, flags: int = 0, /) -> bytes: ...
+
+    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
 
     def fileno(self) -> int: ...
 
