@@ -24,12 +24,12 @@ import sys
 import trio
 
 import trio_evlisten
-from trio_evlisten import ConnListener, Flag
+from trio_evlisten import ConnListener, Flag, SocketStream
 
 DEFAULT_PORT = 9876
 
 
-async def echo(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def echo(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     """The bufferevent's read callback: copy all input to the output."""
     async for data in conn:
         await conn.send_all(data)

@@ -45,6 +45,7 @@ import trio
 from trio_evlisten import (
     ConnListener,
     Flag,
+    SocketStream,
     activation_sockets,
     hand_off,
     notify_ready,
@@ -62,7 +63,7 @@ DRAIN_TIMEOUT = 5.0
 NAME = "echo"
 
 
-async def echo(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def echo(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     """Send each line back, prefixed with this process's pid."""
     prefix = f"{os.getpid()}: ".encode()
     pending = b""

@@ -93,7 +93,7 @@ def no_fd_leaks() -> Iterator[None]:
 
 
 async def echo_handler(
-    listener: ConnListener, conn: trio.SocketStream, addr: object
+    listener: ConnListener, conn: trio.abc.HalfCloseableStream, addr: object
 ) -> None:
     """Echo every byte back until EOF."""
     async for data in conn:

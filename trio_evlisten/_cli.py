@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ._listener import ConnListener
     from ._socket import SockArg
     from ._stats import ListenerStatistics
+    from ._stream import SocketStream
 
 PROG: Final = "python -m trio_evlisten"
 DEFAULT_HOST: Final = "0.0.0.0"
@@ -261,7 +262,7 @@ def format_summary(reason: str, stats: ListenerStatistics) -> str:
     )
 
 
-async def echo(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def echo(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     """The bufferevent's read callback: copy all input to the output."""
     async for data in conn:
         await conn.send_all(data)

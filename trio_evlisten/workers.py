@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 
     from ._listener import AcceptCallback, ConnListener
     from ._options import ListenerOptions
+    from ._stream import SocketStream
 
 logger: Final = logging.getLogger("trio_evlisten.workers")
 
@@ -85,7 +86,7 @@ DEFAULT_DRAIN_TIMEOUT: Final = 5.0
 PARENT_CHECK_INTERVAL: Final = 1.0
 
 
-async def echo(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def echo(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     """The default handler: send every byte back until the client closes."""
     async for data in conn:
         await conn.send_all(data)

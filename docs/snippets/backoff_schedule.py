@@ -13,11 +13,11 @@ import os
 import trio
 import trio.testing
 
-from trio_evlisten import ConnListener, open_listener
+from trio_evlisten import ConnListener, SocketStream, open_listener
 from trio_evlisten.testing import ScriptedSocket
 
 
-async def echo(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def echo(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     async for data in conn:
         await conn.send_all(data)
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_evlisten import ConnListener, Flag, open_listener
+from trio_evlisten import ConnListener, Flag, SocketStream, open_listener
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -17,7 +17,7 @@ HOST, PORT = "127.0.0.1", 9876
 
 async def welcome(
     listener: ConnListener,
-    conn: trio.SocketStream,
+    conn: SocketStream,
     addr: object,
     visitors: Iterator[int],
     greeting: str,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import trio
 
-from trio_evlisten import ConnListener, Flag, open_listener
+from trio_evlisten import ConnListener, Flag, SocketStream, open_listener
 
 HOST, PORT = "127.0.0.1", 9876
 
 
 async def greet(
-    listener: ConnListener, conn: trio.SocketStream, addr: tuple[str, int]
+    listener: ConnListener, conn: SocketStream, addr: tuple[str, int]
 ) -> None:
     host, port = addr
     await conn.send_all(f"hello {host}:{port}\n".encode())

@@ -6,12 +6,12 @@ import socket
 
 import trio
 
-from trio_evlisten import ConnListener, open_listener
+from trio_evlisten import ConnListener, SocketStream, open_listener
 
 HOST, PORT = "127.0.0.1", 9876
 
 
-async def echo(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def echo(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     async for data in conn:
         await conn.send_all(data)
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import trio
 
-from trio_evlisten import ConnListener, Flag, open_listener
+from trio_evlisten import ConnListener, Flag, SocketStream, open_listener
 
 HOST, PORT = "0.0.0.0", 9876
 
 
-async def echo(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def echo(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     # echo_read_cb: copy all input to the output.
     async for data in conn:
         await conn.send_all(data)

@@ -13,11 +13,11 @@ from functools import partial
 
 import trio
 
-from trio_evlisten import ConnListener, Flag, serve_listener
+from trio_evlisten import ConnListener, Flag, SocketStream, serve_listener
 from trio_evlisten.testing import ScriptedSocket
 
 
-async def echo(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def echo(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     async for data in conn:
         await conn.send_all(data)
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import trio
 
-from trio_evlisten import ConnListener, DrainResult, Flag, open_listener
+from trio_evlisten import ConnListener, DrainResult, Flag, SocketStream, open_listener
 
 
-async def keep_alive(
-    listener: ConnListener, conn: trio.SocketStream, addr: object
-) -> None:
+async def keep_alive(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     async with trio.open_nursery() as requests:
 
         async def stop_reading_when_draining() -> None:

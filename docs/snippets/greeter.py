@@ -12,14 +12,14 @@ import logging
 
 import trio
 
-from trio_evlisten import ConnListener, Flag, open_listener
+from trio_evlisten import ConnListener, Flag, SocketStream, open_listener
 
 HOST = "0.0.0.0"
 PORT = 9876
 log = logging.getLogger("greeter")
 
 
-async def greet(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def greet(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     """Read a name (up to the first newline, or EOF) and answer ``hello NAME``."""
     received = bytearray()
     async for data in conn:

@@ -6,16 +6,14 @@ import sys
 
 import trio
 
-from trio_evlisten import ConnListener, Flag, open_listener
+from trio_evlisten import ConnListener, Flag, SocketStream, open_listener
 from trio_evlisten.testing import open_stream_to
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 
-async def fragile(
-    listener: ConnListener, conn: trio.SocketStream, addr: object
-) -> None:
+async def fragile(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     data = await conn.receive_some()
     if data == b"boom\n":
         raise ValueError("the client said boom")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import trio
 
-from trio_evlisten import ConnListener, Flag, open_listener
+from trio_evlisten import ConnListener, Flag, SocketStream, open_listener
 
 HOST, PORT = "127.0.0.1", 9876
 
 
-async def report(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def report(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     stats = listener.statistics()
     await conn.send_all(
         f"port={listener.port} accepted={stats.accepted} active={stats.active} "

@@ -9,12 +9,12 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from trio_evlisten import ConnListener, DrainResult, Flag, open_listener
+from trio_evlisten import ConnListener, DrainResult, Flag, SocketStream, open_listener
 from trio_evlisten.testing import open_stream_to
 
 
 async def read_until_eof(
-    listener: ConnListener, conn: trio.SocketStream, addr: object
+    listener: ConnListener, conn: SocketStream, addr: object
 ) -> None:
     async for _ in conn:
         pass

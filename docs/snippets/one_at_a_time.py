@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import trio
 
-from trio_evlisten import ConnListener, Flag, open_listener
+from trio_evlisten import ConnListener, Flag, SocketStream, open_listener
 
 HOST, PORT = "127.0.0.1", 9876
 
 
-async def serve_alone(
-    listener: ConnListener, conn: trio.SocketStream, addr: object
-) -> None:
+async def serve_alone(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     listener.disable()  # the next client waits in the kernel's backlog
     try:
         async for data in conn:

@@ -8,14 +8,14 @@ import sys
 
 import trio
 
-from trio_evlisten import ConnListener, Flag, open_listener
+from trio_evlisten import ConnListener, Flag, SocketStream, open_listener
 from trio_evlisten.testing import ScriptedSocket
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 
-async def echo(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def echo(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     async for data in conn:
         await conn.send_all(data)
 

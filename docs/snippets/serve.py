@@ -6,12 +6,12 @@ from functools import partial
 
 import trio
 
-from trio_evlisten import ConnListener, Flag, serve_listener
+from trio_evlisten import ConnListener, Flag, SocketStream, serve_listener
 
 HOST, PORT = "127.0.0.1", 9876
 
 
-async def shout(listener: ConnListener, conn: trio.SocketStream, addr: object) -> None:
+async def shout(listener: ConnListener, conn: SocketStream, addr: object) -> None:
     async for data in conn:
         await conn.send_all(data.upper())
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_evlisten import ConnListener, Flag, open_listener
+from trio_evlisten import ConnListener, Flag, SocketStream, open_listener
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -21,7 +21,7 @@ def build_table() -> dict[str, str]:
 
 async def lookup(
     listener: ConnListener,
-    conn: trio.SocketStream,
+    conn: SocketStream,
     addr: object,
     table: Mapping[str, str],
 ) -> None:
