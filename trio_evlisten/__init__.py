@@ -5,6 +5,7 @@ from ._errors import BACKOFF_MAX as BACKOFF_MAX
 from ._errors import BACKOFF_MIN as BACKOFF_MIN
 from ._errors import ERROR_LOG_INTERVAL as ERROR_LOG_INTERVAL
 from ._errors import ResourceLimitWarning as ResourceLimitWarning
+from ._fd_budget import FD_RESERVE as FD_RESERVE
 from ._flags import LEV_OPT_BIND_IPV6ONLY as LEV_OPT_BIND_IPV6ONLY
 from ._flags import LEV_OPT_CLOSE_ON_EXEC as LEV_OPT_CLOSE_ON_EXEC
 from ._flags import LEV_OPT_CLOSE_ON_FREE as LEV_OPT_CLOSE_ON_FREE
@@ -20,7 +21,6 @@ from ._handoff import notify_ready as notify_ready
 from ._listener import ConnListener as ConnListener
 from ._open import open_listener as open_listener
 from ._open import serve_listener as serve_listener
-from ._options import FD_RESERVE as FD_RESERVE
 from ._options import ListenerOptions as ListenerOptions
 from ._stats import DrainResult as DrainResult
 from ._stats import ListenerStatistics as ListenerStatistics

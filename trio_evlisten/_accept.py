@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
+from ._backlog import BACKLOG_MAX, accept_queue
 from ._errors import FD_ERRNOS, Backoff, ErrorClass, GroupedLog, classify, errno_name
 
 if TYPE_CHECKING:
@@ -100,6 +101,21 @@ class Acceptor:
             self._sweep_left = limit
             self.wake()
         await self._sweep.wait()
+
+    def queued(self) -> int:
+        """How many queued connections a drain takes: those queued now.
+
+        Read from ``TCP_INFO``; where that is unknown (a Unix socket), up to
+        one full queue. None once the socket was handed to a successor
+        (:func:`hand_off`: the queue is the successor's then) or closed.
+        """
+        lsock = self._lsock
+        if lsock.handed_off or lsock.closed_underfoot():
+            return 0
+        queue = accept_queue(lsock.std)
+        if queue is not None:
+            return queue[0]
+        return lsock.backlog or BACKLOG_MAX
 
     def _end_sweep(self) -> None:
         if self._sweep is not None:

@@ -23,7 +23,8 @@ import trio
 from ._errors import GroupedLog
 from ._flags import Flag
 from ._proxy_gate import REJECTED
-from ._stream import SocketStream, adopt, prepare_listening_socket
+from ._sockopts import prepare_listening_socket
+from ._stream import SocketStream, adopt
 
 if TYPE_CHECKING:
     from collections.abc import Callable

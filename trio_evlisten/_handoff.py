@@ -187,7 +187,7 @@ async def hand_off(
                 # Closing it must not unlink a path the successor serves, and
                 # draining it must leave the queue to the successor.
                 item._lsock.unlink_path = None
-                item._handed_off = True
+                item._lsock.handed_off = True
     return proc
 
 

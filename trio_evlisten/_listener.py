@@ -17,19 +17,15 @@ import attrs
 import trio
 
 from ._accept import Acceptor
-from ._backlog import BACKLOG_MAX, accept_queue
+from ._backlog import accept_queue
+from ._checks import check_max_connections, check_seconds
 from ._connection import Connections
 from ._errors import GroupedLog
+from ._fd_budget import default_max_pending, warn_if_fd_limit_below
 from ._flags import Flag
 from ._gate import Gate, check_accept_cb, check_error_cb
 from ._handlers import Handlers
-from ._options import (
-    ListenerOptions,
-    check_max_connections,
-    check_seconds,
-    default_max_pending,
-    warn_if_fd_limit_below,
-)
+from ._options import ListenerOptions
 from ._proxy_gate import ProxyGate, trusted_networks
 from ._stats import DrainResult, ListenerStatistics
 
@@ -76,8 +72,6 @@ class ConnListener:
     _conns: Connections = attrs.field(init=False)
     _handlers: Handlers = attrs.field(init=False)
     _acceptor: Acceptor = attrs.field(init=False)
-    # Set by hand_off(): the successor holds the socket and its queue.
-    _handed_off: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._sockname = sockname = self._lsock.std.getsockname()
@@ -362,26 +356,12 @@ class ConnListener:
         self._gate.check_thread("drain")
         start = self._handlers.begin_drain()
         deadline = math.inf if grace is None else trio.current_time() + grace
-        queued = self._queued()
+        queued = self._acceptor.queued()
         if queued:
             with trio.move_on_at(deadline):
                 await self._acceptor.sweep(queued)
         self.close()
         return await self._handlers.finish_drain(start, deadline)
-
-    def _queued(self) -> int:
-        """How many queued connections a drain takes: those queued now.
-
-        Read from ``TCP_INFO``; where that is unknown (a Unix socket), up to
-        one full queue. None once the socket was handed to a successor
-        (:func:`hand_off`): the queue is the successor's then.
-        """
-        if self._handed_off or self._lsock.closed_underfoot():
-            return 0
-        queue = accept_queue(self._lsock.std)
-        if queue is not None:
-            return queue[0]
-        return self._lsock.backlog or BACKLOG_MAX
 
     def close(self) -> None:
         """Stop accepting, for good (``evconnlistener_free``).

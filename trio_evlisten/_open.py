@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._fd_budget import warn_if_fd_limit_below
 from ._flags import Flag, check_flags
 from ._gate import check_accept_cb, check_error_cb
 from ._listener import ConnListener
-from ._options import ListenerOptions, resolve, warn_if_fd_limit_below
+from ._options import ListenerOptions, resolve
 from ._socket import make_listening_socket
 
 if sys.version_info < (3, 11):

@@ -58,6 +58,8 @@ class ListeningSocket:
     twin: bool = False
     #: The backlog in effect after the kernel's cap, when we called listen().
     backlog: int | None = None
+    #: Set by :func:`hand_off`: a successor holds the socket, and its queue.
+    handed_off: bool = False
 
     def closed_underfoot(self) -> bool:
         """Whether someone closed the socket behind the listener's back.

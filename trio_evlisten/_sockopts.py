@@ -1,8 +1,9 @@
 """Socket options of the listening socket: what each flag and option sets.
 
-Owns: turning the :class:`Flag` bits and the ``keepalive`` option into
-``setsockopt`` calls, and refusing what cannot apply to a socket (a flag a
-Unix socket does not have; a string that is a ``host:port``, not a path).
+Owns: turning the :class:`Flag` bits, the ``keepalive`` option and the
+stream's TCP options into ``setsockopt`` calls, and refusing what cannot
+apply to a socket (a flag a Unix socket does not have; a string that is a
+``host:port``, not a path).
 Nothing here binds, listens or accepts (that is :mod:`._socket`).
 """
 
@@ -22,6 +23,28 @@ KEEPALIVE_MAX: Final = 32767
 #: probe every ``idle / 3`` seconds, and the connection is dropped after this
 #: many unanswered, so a dead peer is found within twice the idle time.
 KEEPALIVE_PROBES: Final = 3
+
+#: ``TCP_NOTSENT_LOWAT`` as trio sets it: a socket reports writable only while
+#: it holds less than this much data not yet sent, so a sender is paced by
+#: the network instead of filling megabytes of kernel buffer (lower latency,
+#: less memory, and ``wait_send_all_might_not_block`` means something). trio
+#: picked 16 KiB (python-trio/trio#72: "bandwidth * rescheduling interval");
+#: we keep it so the two streams behave alike.
+NOTSENT_LOWAT: Final = 2**14
+
+TCP_FAMILIES: Final = frozenset({socket.AF_INET, getattr(socket, "AF_INET6", -1)})
+
+#: The options a stream sets on a TCP socket (:class:`SocketStream` and
+#: trio's alike), each on its own: one refused does not skip the next.
+#: TCP_NOTSENT_LOWAT is left out where the platform has no such constant,
+#: as trio leaves it out.
+STREAM_TCP_OPTIONS: Final[tuple[tuple[int, int, int], ...]] = (
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+) + (
+    ((socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT),)
+    if hasattr(socket, "TCP_NOTSENT_LOWAT")
+    else ()
+)
 
 # "127.0.0.1:8080", "[::1]:80", "localhost:8000": host:port, no path.
 _HOST_PORT: Final = re.compile(r"\[?[^/\[\]]*\]?:[0-9]{1,5}")
@@ -114,3 +137,27 @@ def _set_deferred_accept(std: socket.socket) -> None:
         arg = b"dataready".ljust(16, b"\0") + b"\0" * 240
         std.setsockopt(socket.SOL_SOCKET, accept_filter, arg)
     # Elsewhere a no-op, as in libevent.
+
+
+def prepare_listening_socket(sock: socket.socket) -> bool:
+    """Set the options :class:`._stream.SocketStream` sets, once, on a listening socket.
+
+    Linux copies ``TCP_NODELAY`` and ``TCP_NOTSENT_LOWAT`` from a listening
+    socket into every socket ``accept()`` returns (checked in
+    tests/test_stream.py), so a listener that sets them here can hand its
+    connections to :func:`._stream.adopt`, two system calls cheaper per connection.
+
+    Returns:
+        Whether accepted sockets will come with the options (False elsewhere
+        than Linux, or if the kernel refused one): then use the constructor.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    if sock.family not in TCP_FAMILIES:
+        return True  # nothing to set: a Unix socket has no TCP options
+    try:
+        for level, option, value in STREAM_TCP_OPTIONS:
+            sock.setsockopt(level, option, value)
+    except OSError:
+        return False
+    return True

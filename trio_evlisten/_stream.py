@@ -15,7 +15,7 @@ import errno
 import socket as _stdlib_socket
 import sys
 from contextlib import suppress
-from typing import TYPE_CHECKING, Final, NoReturn, final, overload
+from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import trio
 from trio.lowlevel import (
@@ -27,6 +27,9 @@ from trio.lowlevel import (
     wait_writable,
 )
 
+from ._sockopts import STREAM_TCP_OPTIONS, TCP_FAMILIES
+from ._stream_socket import SocketAccess
+
 if TYPE_CHECKING:
     if sys.version_info >= (3, 12):
         from collections.abc import Buffer
@@ -37,32 +40,9 @@ if TYPE_CHECKING:
 #: trio's ``SocketStream`` uses the same (``DEFAULT_RECEIVE_SIZE``).
 DEFAULT_RECEIVE_SIZE: Final = 65536
 
-#: ``TCP_NOTSENT_LOWAT`` as trio sets it: a socket reports writable only while
-#: it holds less than this much data not yet sent, so a sender is paced by
-#: the network instead of filling megabytes of kernel buffer (lower latency,
-#: less memory, and ``wait_send_all_might_not_block`` means something). trio
-#: picked 16 KiB (python-trio/trio#72: "bandwidth * rescheduling interval");
-#: we keep it so the two streams behave alike.
-NOTSENT_LOWAT: Final = 2**14
-
 # The errnos that mean "this socket was closed under us" rather than "the
 # connection broke": EBADF on Unix, ENOTSOCK on Windows (as trio sorts them).
 _CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
-
-_TCP_FAMILIES: Final = frozenset(
-    {_stdlib_socket.AF_INET, getattr(_stdlib_socket, "AF_INET6", -1)}
-)
-
-# The options __init__ sets on a TCP socket, each on its own (one refused
-# does not skip the next), as trio's SocketStream does. TCP_NOTSENT_LOWAT is
-# left out where the platform has no such constant, as trio leaves it out.
-_TCP_OPTIONS: Final[tuple[tuple[int, int, int], ...]] = (
-    (_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1),
-) + (
-    ((_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT),)
-    if hasattr(_stdlib_socket, "TCP_NOTSENT_LOWAT")
-    else ()
-)
 
 
 def _raise_stream_error(exc: OSError) -> NoReturn:
@@ -100,7 +80,7 @@ def _refuse_busy_send() -> NoReturn:
 
 
 @final
-class SocketStream(trio.abc.HalfCloseableStream):
+class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
     """A :class:`trio.abc.HalfCloseableStream` over a connected stdlib socket.
 
     The stream handlers get: :class:`trio.SocketStream`'s surface and
@@ -118,7 +98,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
     a schedule point, as trio promises.
 
     For TCP sockets (``AF_INET``/``AF_INET6``) it sets ``TCP_NODELAY`` and
-    ``TCP_NOTSENT_LOWAT`` = 16 KiB (see :data:`NOTSENT_LOWAT`) as trio's
+    ``TCP_NOTSENT_LOWAT`` = 16 KiB (see :data:`._sockopts.NOTSENT_LOWAT`) as trio's
     ``SocketStream`` does, ignoring an :exc:`OSError` like trio; use
     :meth:`setsockopt` to change them.
 
@@ -169,7 +149,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
 
     # No ConflictDetector objects: three flags in slots are all the state a
     # connection needs beyond its socket (the trio socket is made on demand).
-    __slots__ = ("_eof", "_receiving", "_sending", "_sock", "_tsock")
+    __slots__ = ("_eof", "_receiving", "_sending")  # and SocketAccess's two
 
     def __init__(self, sock: _stdlib_socket.socket) -> None:
         if type(sock) is not _stdlib_socket.socket:
@@ -182,35 +162,18 @@ class SocketStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._receiving = False
         self._eof = False
-        if sock.family in _TCP_FAMILIES:
+        if sock.family in TCP_FAMILIES:
             # As trio: Nagle off (a stream's writes are already whole
             # messages), and the not-sent low-water mark explained at
             # NOTSENT_LOWAT. Best effort, like trio: an OSError is ignored.
             # (trio tries on any socket; a Unix socket refuses both, and
             # checking the family spares it two failing system calls.)
-            for level, option, value in _TCP_OPTIONS:
+            for level, option, value in STREAM_TCP_OPTIONS:
                 with suppress(OSError):
                     sock.setsockopt(level, option, value)
 
     def __repr__(self) -> str:
         return f"<trio_evlisten.SocketStream over {self._sock!r}>"
-
-    @property
-    def socket(self) -> trio.socket.SocketType:
-        """The trio socket object for this stream's socket (made once, on demand).
-
-        Raises:
-            trio.ClosedResourceError: it is asked for the first time after
-                the stream was closed.
-        """
-        tsock = self._tsock
-        if tsock is None:
-            if self._sock.fileno() == -1:
-                raise trio.ClosedResourceError(
-                    "the stream was closed before its trio socket was made"
-                )
-            tsock = self._tsock = trio.socket.from_stdlib_socket(self._sock)
-        return tsock
 
     # ---- receiving -------------------------------------------------------
 
@@ -448,96 +411,6 @@ class SocketStream(trio.abc.HalfCloseableStream):
         """
         self._close()
         await checkpoint()
-
-    # ---- socket options --------------------------------------------------
-
-    @overload
-    def setsockopt(self, level: int, option: int, value: int | Buffer) -> None: ...
-
-    @overload
-    def setsockopt(self, level: int, option: int, value: None, length: int) -> None: ...
-
-    def setsockopt(
-        self,
-        level: int,
-        option: int,
-        value: int | Buffer | None,
-        length: int | None = None,
-    ) -> None:
-        """Set an option on the socket (:meth:`socket.socket.setsockopt`).
-
-        Args:
-            level: e.g. ``socket.IPPROTO_TCP``.
-            option: e.g. ``socket.TCP_NODELAY``.
-            value: an int or a bytes-like value; ``None`` with ``length``.
-            length: with ``value=None``, the option's length.
-
-        Raises:
-            TypeError: ``value`` and ``length`` do not fit together.
-            OSError: the kernel refused (raised as it is, as trio does).
-        """
-        if length is None:
-            if value is None:
-                raise TypeError(
-                    "invalid value for argument 'value', "
-                    "must not be None when specifying length"
-                )
-            self._sock.setsockopt(level, option, value)
-            return
-        if value is not None:
-            raise TypeError(
-                f"invalid value for argument 'value': {value!r}, "
-                "must be None when specifying optlen"
-            )
-        self._sock.setsockopt(level, option, value, length)
-
-    @overload
-    def getsockopt(self, level: int, option: int) -> int: ...
-
-    @overload
-    def getsockopt(self, level: int, option: int, buffersize: int) -> bytes: ...
-
-    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
-        """Read an option of the socket (:meth:`socket.socket.getsockopt`).
-
-        Args:
-            level: e.g. ``socket.IPPROTO_TCP``.
-            option: e.g. ``socket.TCP_NODELAY``.
-            buffersize: 0 for an int option, else the size of the bytes to read.
-
-        Returns:
-            The option's value: an int, or bytes when ``buffersize`` > 0.
-
-        Raises:
-            OSError: the kernel refused (raised as it is, as trio does).
-        """
-        if buffersize == 0:
-            return self._sock.getsockopt(level, option)
-        return self._sock.getsockopt(level, option, buffersize)
-
-
-def prepare_listening_socket(sock: _stdlib_socket.socket) -> bool:
-    """Set the options :class:`SocketStream` sets, once, on a listening socket.
-
-    Linux copies ``TCP_NODELAY`` and ``TCP_NOTSENT_LOWAT`` from a listening
-    socket into every socket ``accept()`` returns (checked in
-    tests/test_stream.py), so a listener that sets them here can hand its
-    connections to :func:`adopt`, two system calls cheaper per connection.
-
-    Returns:
-        Whether accepted sockets will come with the options (False elsewhere
-        than Linux, or if the kernel refused one): then use the constructor.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    if sock.family not in _TCP_FAMILIES:
-        return True  # nothing to set: a Unix socket has no TCP options
-    try:
-        for level, option, value in _TCP_OPTIONS:
-            sock.setsockopt(level, option, value)
-    except OSError:
-        return False
-    return True
 
 
 def adopt(sock: _stdlib_socket.socket) -> SocketStream:

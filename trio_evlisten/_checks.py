@@ -1,0 +1,130 @@
+"""The checks behind each option: the value to use, or an error naming it.
+
+Each takes the value given and the option's name, and returns the value to
+use or raises :exc:`TypeError`/:exc:`ValueError` whose message names both
+and says what would be right. :mod:`._options` attaches one to each option;
+the command lines' spellings of values are here too.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+from typing import Literal, TypeAlias
+
+import trio
+
+from ._proxy_gate import Network, trusted_networks
+from ._sockopts import KEEPALIVE_MAX
+from ._stream import SocketStream
+
+HandlerErrors = Literal["log", "raise"]
+#: What ``stream=`` takes: the class of the stream handlers get.
+StreamClass: TypeAlias = "type[SocketStream] | type[trio.SocketStream]"
+
+
+def check_max_connections(value: object, name: str = "max_connections") -> int | None:
+    """Return ``value`` if it is ``None`` or an int >= 1, else raise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be None or an int, not {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be None or >= 1, not {value!r}")
+    return value
+
+
+def check_seconds(name: str, value: object, *, optional: bool) -> float | None:
+    """Return ``value`` if it is seconds >= 0 (or, if ``optional``, ``None``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be {'None or ' if optional else ''}seconds, not {value!r}"
+        )
+    if math.isnan(value) or value < 0:
+        raise ValueError(
+            f"{name} must be {'None or ' if optional else ''}>= 0 seconds, "
+            f"not {value!r}"
+        )
+    return value
+
+
+def seconds(value: object, name: str) -> float:
+    checked = check_seconds(name, value, optional=False)
+    assert checked is not None
+    return checked
+
+
+def seconds_or_none(value: object, name: str) -> float | None:
+    return check_seconds(name, value, optional=True)
+
+
+def keepalive_seconds(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be None or whole seconds (an int), not {value!r}")
+    if not 1 <= value <= KEEPALIVE_MAX:
+        raise ValueError(
+            f"{name} must be None or 1..{KEEPALIVE_MAX} seconds, not {value!r}"
+        )
+    return value
+
+
+def file_mode(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be None or a mode like 0o660, not {value!r}")
+    if not 0 <= value <= 0o7777:
+        raise ValueError(f"{name} must be a mode 0o0..0o7777, not {value!r}")
+    return value
+
+
+def stream_class(value: object, name: str) -> StreamClass:
+    if value is SocketStream or value is trio.SocketStream:
+        return value
+    raise ValueError(
+        f"{name} must be trio_evlisten.SocketStream (the default) or "
+        f"trio.SocketStream, not {value!r}"
+    )
+
+
+def boolean(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def nursery_or_none(value: object, name: str) -> trio.Nursery | None:
+    if value is not None and not isinstance(value, trio.Nursery):
+        raise TypeError(f"{name} must be a trio.Nursery or None, not {value!r}")
+    return value
+
+
+def handler_errors(value: object, name: str) -> HandlerErrors:
+    if value == "log" or value == "raise":
+        return value
+    raise ValueError(f"{name} must be 'log' or 'raise', not {value!r}")
+
+
+def ssl_context_or_none(value: object, name: str) -> ssl.SSLContext | None:
+    if value is not None and not isinstance(value, ssl.SSLContext):
+        raise TypeError(f"{name} must be an ssl.SSLContext, not {value!r}")
+    return value
+
+
+def networks(value: object, name: str) -> tuple[Network, ...]:
+    return trusted_networks(value)  # type: ignore[arg-type]
+
+
+# Command-line spellings of values
+
+
+def float_or_none(text: str) -> float | None:
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+def int_or_none(text: str) -> int | None:
+    return None if text.lower() in ("none", "off") else int(text)
