@@ -52,6 +52,8 @@ nitpick_ignore = [
     ("py:class", "HandlerErrors"),
     ("py:class", "StdSocket"),
     ("py:class", "Network"),  # ipaddress.IPv4Network | IPv6Network
+    ("py:class", "StreamClass"),  # type[SocketStream] | type[trio.SocketStream]
+    ("py:class", "Buffer"),  # collections.abc.Buffer (typing_extensions on 3.11)
 ]
 
 # --- intersphinx, offline --------------------------------------------------

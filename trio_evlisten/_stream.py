@@ -98,7 +98,7 @@ class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
     a schedule point, as trio promises.
 
     For TCP sockets (``AF_INET``/``AF_INET6``) it sets ``TCP_NODELAY`` and
-    ``TCP_NOTSENT_LOWAT`` = 16 KiB (see :data:`._sockopts.NOTSENT_LOWAT`) as trio's
+    ``TCP_NOTSENT_LOWAT`` = 16 KiB as trio's
     ``SocketStream`` does, ignoring an :exc:`OSError` like trio; use
     :meth:`setsockopt` to change them.
 
