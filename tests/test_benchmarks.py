@@ -226,3 +226,52 @@ def test_tree_cpu_sums_a_process_and_its_children() -> None:
     assert (after, one) == (before + 1, 1)
     assert child_only >= 0.25
     assert total >= alone + child_only - 0.02  # clock ticks are 10 ms
+
+
+@pytest.mark.slow
+def test_stream_micro_runs_and_reports_every_stream() -> None:
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "benchmarks.stream_micro", "--rounds", "1"),
+            *("--round-trips", "200", "--bulk-mib", "1", "--many", "50"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("trio", "ours", "floor", "bare"):
+        assert name in done.stdout
+
+
+@pytest.mark.slow
+def test_drain_load_counts_what_a_stopped_server_lost() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.drain_load",
+            "--clients",
+            "20",
+            "--runs",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = re.search(
+        r"before SIGTERM ok=(\d+) lost=(\d+); after it ok=(\d+) refused=(\d+) "
+        r"reset_at_connect=(\d+) lost=(\d+)",
+        done.stdout,
+    )
+    assert run is not None, done.stdout
+    ok_before, lost_before = int(run[1]), int(run[2])
+    assert ok_before > 0  # the server was serving
+    assert lost_before == 0  # nothing is lost while it runs
+    assert int(run[4]) > 0  # and once it is gone, connecting is refused
