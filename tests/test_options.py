@@ -115,3 +115,20 @@ async def test_serve_listener_passes_options_through() -> None:
         )
         assert listener.statistics().max_connections == 3
         listener.close()
+
+
+def test_both_command_lines_take_every_option_that_has_a_spelling() -> None:
+    from trio_evlisten._cli import build_parser
+    from trio_evlisten.workers import _parser as workers_parser
+
+    [commands] = [
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ]
+    echo = commands.choices["echo"]
+    for parser in (echo, workers_parser()):
+        flags = {flag for action in parser._actions for flag in action.option_strings}
+        for name, option in OPTIONS.items():
+            if option.cli is not None:
+                assert "--" + name.replace("_", "-") in flags, (parser.prog, name)

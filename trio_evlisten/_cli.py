@@ -84,19 +84,6 @@ exit status: 0 after Ctrl-C or SIGTERM (a statistics summary is printed),
 """
 
 
-#: The listener options ``echo`` takes on its command line (their flags,
-#: checks and help come from :mod:`._options`).
-ECHO_OPTIONS: Final = (
-    "max_connections",
-    "max_pending",
-    "drain_timeout",
-    "proxy_protocol",
-    "proxy_trusted",
-    "proxy_timeout",
-    "keepalive",
-)
-
-
 @attrs.frozen(kw_only=True)
 class EchoOptions:
     """What ``python -m trio_evlisten echo`` was asked to do.
@@ -224,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="listen() backlog; -1 is the OS maximum (default: -1)",
     )
-    add_arguments(echo_parser, ECHO_OPTIONS)
+    # Every listener option with a command-line spelling (see _options).
+    add_arguments(echo_parser)
     return parser
 
 

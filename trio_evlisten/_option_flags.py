@@ -22,12 +22,19 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, names: Iterable[str] | None = None
+) -> None:
     """Add ``--max-connections N`` and the like for the options ``names``.
+
+    ``None``: every option that has a command-line spelling, so an option
+    defined with one appears on every command line at once.
 
     An option left off the command line is left out of the namespace, so its
     default stays the one defined here.
     """
+    if names is None:
+        names = [name for name, option in OPTIONS.items() if option.cli is not None]
     for name in names:
         option = OPTIONS[name]
         cli = option.cli

@@ -69,17 +69,6 @@ if TYPE_CHECKING:
 logger: Final = logging.getLogger("trio_evlisten.workers")
 
 DEFAULT_HANDLER: Final = "trio_evlisten.workers:echo"
-#: The listener options a worker takes on its command line (their flags,
-#: checks and help come from :mod:`._options`).
-WORKER_OPTIONS: Final = (
-    "max_connections",
-    "max_pending",
-    "drain_timeout",
-    "proxy_protocol",
-    "proxy_trusted",
-    "proxy_timeout",
-    "keepalive",
-)
 #: A worker's ``drain_timeout`` unless ``--drain-timeout`` says otherwise.
 DEFAULT_DRAIN_TIMEOUT: Final = 5.0
 #: How often a worker checks that its supervisor is still there.
@@ -198,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shutdown-timeout", type=float, default=10.0, help="default: 10 s"
     )
-    add_arguments(parser, WORKER_OPTIONS)
+    add_arguments(parser)  # every listener option with a command-line spelling
     # A worker that does not finish its handlers soon is SIGKILLed by the
     # supervisor (--shutdown-timeout) anyway: drain for less than that.
     parser.set_defaults(drain_timeout=DEFAULT_DRAIN_TIMEOUT)
