@@ -1,6 +1,6 @@
 """Micro-benchmark of the stream a handler gets: trio's, ours, and two floors.
 
-Run from the repository's root (about 30 s on the defaults, 30 s more with
+Run from the repository's root (about 15 s on the defaults, 35 s more with
 ``--loadgen``)::
 
     python -m benchmarks.stream_micro
