@@ -419,9 +419,12 @@ def adopt(sock: _stdlib_socket.socket) -> SocketStream:
 
     The constructor's checks hold by construction (``accept()`` on a stream
     socket gives an exact ``socket.socket``) and the options came with the
-    socket, so this only makes it non-blocking.
+    socket, so this only makes it non-blocking, unless it already is (the
+    PROXY reader made it so): ``getblocking()`` reads Python's own flag, no
+    system call.
     """
-    sock.setblocking(False)
+    if sock.getblocking():
+        sock.setblocking(False)
     stream = SocketStream.__new__(SocketStream)
     stream._sock = sock
     stream._tsock = None
