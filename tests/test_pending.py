@@ -147,7 +147,6 @@ async def test_cancelled_while_waiting_for_a_slot_closes_the_connection() -> Non
             flags=FREE,
             proxy_protocol=True,
             max_connections=1,
-            drain_timeout=0,
         ) as listener:
             first = await open_stream_to(listener)
             await first.send_all(HEADER + b"a")
@@ -156,11 +155,48 @@ async def test_cancelled_while_waiting_for_a_slot_closes_the_connection() -> Non
             await waiting.send_all(HEADER + b"b")
             await trio.testing.wait_all_tasks_blocked()
             assert listener.statistics().pending == 1
-        # drain_timeout=0 cancelled both: the one in line was closed unserved
-        # (reset, as its unread byte was still in the socket).
+            # Stop everything (the loopexit): no drain, so nothing is served.
+            listener.nursery.cancel_scope.cancel()
+        # The one in line was closed unserved (reset, as its unread byte was
+        # still in the socket).
         async with first, waiting:
             with pytest.raises(trio.BrokenResourceError):
                 await waiting.receive_some()
+        assert listener.statistics().pending == 0
+
+
+async def test_a_drain_serves_the_connections_waiting_in_line_past_the_cap() -> None:
+    draining_at_start: list[bool] = []
+
+    async def until_drained(
+        listener: ConnListener, conn: trio.abc.Stream, addr: Any
+    ) -> None:
+        draining_at_start.append(listener.draining)
+        await conn.send_all(await conn.receive_some())
+        await listener.wait_draining()
+
+    with trio.fail_after(5):
+        async with open_listener(
+            until_drained,
+            address=LOCAL,
+            flags=FREE,
+            proxy_protocol=True,
+            max_connections=1,
+        ) as listener:
+            first = await open_stream_to(listener)
+            await first.send_all(HEADER + b"a")
+            assert await recv_exactly(first, 1) == b"a"
+            waiting = await open_stream_to(listener)
+            await waiting.send_all(HEADER + b"b")
+            await trio.testing.wait_all_tasks_blocked()
+            assert listener.statistics().pending == 1
+            result = await listener.drain()
+        # The drain gave the one in line its handler, past the cap, with
+        # draining already set, instead of resetting it.
+        async with first, waiting:
+            assert await recv_exactly(waiting, 1) == b"b"
+        assert draining_at_start == [False, True]
+        assert (result.finished, result.failed, result.cancelled) == (2, 0, 0)
         assert listener.statistics().pending == 0
 
 

@@ -22,18 +22,17 @@ import trio
 
 from ._errors import GroupedLog
 from ._flags import Flag
-from ._proxy_gate import REJECTED
+from ._proxy_reader import REJECTED
 from ._sockopts import prepare_listening_socket
 from ._stream import SocketStream, adopt
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from contextlib import AbstractContextManager
     from socket import socket as StdSocket
 
-    from ._gate import AcceptCallback
     from ._options import ListenerOptions
-    from ._proxy_gate import ProxyGate
+    from ._proxy_reader import ProxyReader
+    from ._state import AcceptCallback, ListenerState
 
 logger: Final = logging.getLogger("trio_evlisten")
 
@@ -43,32 +42,39 @@ TLS_CLOSE_TIMEOUT: Final = 1.0
 
 
 @attrs.define(eq=False)
-class Connections:
-    """What the connections of one listener share: options, counters, log."""
+class ConnectionRunner:
+    """Runs each connection of one listener: what they share (options,
+    counters, the grouped log of handler errors), and the steps of one."""
 
     #: The listener, as the callback's first argument.
     _owner: object
+    _state: ListenerState
     _flags: Flag
     _options: ListenerOptions
-    _proxy: ProxyGate | None
-    _lock: AbstractContextManager[object]
-    log: GroupedLog
+    _proxy: ProxyReader | None
+    #: The listener's address, for the log.
+    _where: object
+    _log: GroupedLog = attrs.field(init=False)
     #: Handlers that raised (not counting a peer going away, or a drain).
     handler_errors: int = attrs.field(default=0, init=False)
     #: Handlers that returned (or lost their peer) by themselves.
     finished: int = attrs.field(default=0, init=False)
     tls_failures: int = attrs.field(default=0, init=False)
-    #: Set by drain() once it cancels: what fails then is the drain's doing.
-    cancelling: bool = attrs.field(default=False, init=False)
-    has_preamble: bool = attrs.field(init=False)
     # Accepted sockets inherit the stream's TCP options (see prepare()).
-    _adopt: bool = attrs.field(init=False)
+    _adopt: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.has_preamble = (
-            self._proxy is not None or self._options["ssl_context"] is not None
+        self._log = GroupedLog(
+            logger, f"handlers of {self._where!r} raised", "handler_errors"
         )
-        self._adopt = False
+
+    def ended(self) -> tuple[int, int]:
+        """``(finished, handler_errors)``: how connections ended so far."""
+        return self.finished, self.handler_errors
+
+    def flush_log(self, final: str) -> None:
+        """Log what the grouped log of handler errors still holds, with ``final``."""
+        self._log.flush(trio.current_time(), final=final)
 
     def prepare(self, listening: StdSocket) -> None:
         """Set what each stream needs on the listening socket, once, if it can."""
@@ -135,7 +141,7 @@ class Connections:
                 logger.debug("TLS handshake with %r failed", addr, exc_info=True)
             else:
                 return True
-        with self._lock:
+        with self._state.lock:
             self.tls_failures += 1
         return False
 
@@ -180,12 +186,15 @@ class Connections:
                 with trio.move_on_after(TLS_CLOSE_TIMEOUT):
                     await handed.aclose()
         except trio.BrokenResourceError:
-            if self._options["handler_errors"] == "raise" and not self.cancelling:
+            if (
+                self._options["handler_errors"] == "raise"
+                and not self._state.cancelling
+            ):
                 raise
             logger.debug("handler for %r: the peer went away", addr, exc_info=True)
             self.finished += 1
         except Exception as exc:
-            if self.cancelling:
+            if self._state.cancelling:
                 # Cancelled by drain(), it failed while unwinding: the drain's
                 # doing, not a bug of the handler's.
                 logger.debug("handler for %r raised once drained", addr, exc_info=True)
@@ -199,15 +208,17 @@ class Connections:
         finally:
             # The listener owns the stream and closes it (telling any task
             # still waiting on it). A blocking socket is the handler's once
-            # handed over.
-            if handed is not conn:
-                close(conn)
-            if done is not None:
-                done()
+            # handed over. The count is given back however the close goes.
+            try:
+                if handed is not conn:
+                    close(conn)
+            finally:
+                if done is not None:
+                    done()
 
     def _log_error(self, exc: Exception, addr: Any) -> None:
         last = f"{exc!r} from {addr!r}"
-        if self.log.record(type(exc).__qualname__, last, trio.current_time()):
+        if self._log.record(type(exc).__qualname__, last, trio.current_time()):
             logger.error(
                 "handler for %r raised",
                 addr,
@@ -217,7 +228,18 @@ class Connections:
 
 
 def close(conn: StdSocket) -> None:
-    """Close an accepted socket, waking any task waiting on it. Idempotent."""
-    if conn.fileno() != -1:
+    """Close an accepted socket, waking any task waiting on it. Idempotent.
+
+    Error handling:
+        Never raises: a handler that closed the file descriptor behind the
+        socket object's back (``os.close(conn.socket.fileno())``) makes
+        ``close()`` fail with ``EBADF``; that connection is gone either way,
+        and its cleanup must not end the listener. Logged at DEBUG.
+    """
+    if conn.fileno() == -1:
+        return
+    try:
         trio.lowlevel.notify_closing(conn)
         conn.close()
+    except OSError:
+        logger.debug("closing %r failed", conn, exc_info=True)

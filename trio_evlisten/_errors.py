@@ -18,6 +18,7 @@ import warnings
 from typing import Final
 
 import attrs
+import trio
 
 
 class ErrorClass(enum.Enum):
@@ -31,21 +32,33 @@ class ErrorClass(enum.Enum):
     FATAL = "fatal"
 
 
-# Retried at once, silently.
+# Retried at once, silently: the errors of one new connection, not of the
+# listener. The list is trio's (_highlevel_socket.py's
+# _ignorable_accept_errno_names), so a listener never ends on an errno that
+# trio.SocketListener would skip; the reason for each:
 #
 # - EAGAIN/EWOULDBLOCK: nothing to accept after all; another process sharing
 #   the socket (or a SO_REUSEPORT sibling) took it. Python surfaces it as
 #   BlockingIOError and the accept loop treats it as "batch done".
 # - EINTR: a signal arrived during the call.
 # - ECONNABORTED, EPROTO: the peer reset the connection while it sat in the
-#   queue. The connection is gone, the listener is fine. (trio's
-#   _highlevel_socket.py, nginx, Go's net package and libevent all ignore it.)
+#   queue (ECONNABORTED on Linux and BSD, EPROTO on some System V kernels).
+#   The connection is gone, the listener is fine. (trio, nginx, Go's net
+#   package and libevent all ignore it.)
+# - ECONNRESET, ETIMEDOUT: the same, said otherwise: a peer's reset or a
+#   handshake timing out, reported by some kernels at accept() (trio skips
+#   both).
 # - EPERM: Linux returns it when a firewall rule (netfilter) forbids the
 #   connection; again, one connection is gone, the listener is fine.
 # - ENETDOWN, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP,
 #   ENETUNREACH: accept(2)'s Linux man page says these pending network errors
 #   of the *new* socket are passed through accept() and "should be treated
 #   like EAGAIN by retrying".
+# - ENOSR, ESOCKTNOSUPPORT, EPROTONOSUPPORT: named in accept(2)'s list of
+#   errors that "may be returned" for the new socket by protocol modules
+#   (ENOSR: out of STREAMS resources for it; the other two: the protocol
+#   module refused it). trio skips them with the rest; a broken listening
+#   socket says EBADF, EINVAL or ENOTSOCK instead.
 _RETRY_ERRNOS: Final = frozenset(
     getattr(errno, name)
     for name in (
@@ -54,6 +67,8 @@ _RETRY_ERRNOS: Final = frozenset(
         "EINTR",
         "ECONNABORTED",
         "EPROTO",
+        "ECONNRESET",
+        "ETIMEDOUT",
         "EPERM",
         "ENETDOWN",
         "ENOPROTOOPT",
@@ -62,6 +77,9 @@ _RETRY_ERRNOS: Final = frozenset(
         "EHOSTUNREACH",
         "EOPNOTSUPP",
         "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
     )
     if hasattr(errno, name)
 )
@@ -173,11 +191,17 @@ class GroupedLog:
 
     The first error when no line was logged for ``interval`` seconds opens a
     burst: :meth:`record` returns True and the caller logs it in full. Later
-    ones are counted by kind, and :meth:`flush` reports them as one summary
-    line (``accept() on ... failed: EMFILE \u00d7412 in 10.0 s (last: ...)``)
-    once ``interval`` has passed since the last line, or when the listener
-    ends. So a flood of errors, whoever causes them, costs one line per
-    interval, and no error goes uncounted.
+    ones are counted by kind, and reported as one summary line
+    (``accept() on ... failed: EMFILE \u00d7412 in 10.0 s (last: ...)``)
+    once ``interval`` has passed since the last line, or when its owner ends
+    (:meth:`flush` with ``final``). So a flood of errors, whoever causes
+    them, costs one line per interval, and no error goes uncounted.
+
+    The log owns its timer: while a summary is pending, a Trio system task
+    sleeps until it falls due and logs it, so the summary comes on time even
+    if the errors stop and whatever recorded them has ended (a handler in a
+    caller's ``handler_nursery=`` after the block was left). If the run ends
+    first, the task logs what it holds on its way out.
     """
 
     logger: logging.Logger
@@ -186,21 +210,24 @@ class GroupedLog:
     #: The name of the record attribute (``extra=``) that carries the count.
     count_attribute: str
     interval: float = ERROR_LOG_INTERVAL
+    level: int = logging.ERROR
     _last_line: float = attrs.field(default=-float("inf"), init=False)
     _pending: collections.Counter[str] = attrs.field(
         factory=collections.Counter, init=False
     )
     _last: str = attrs.field(default="", init=False)
+    _timer: bool = attrs.field(default=False, init=False)
 
     @property
     def due(self) -> float:
-        """When :meth:`flush` has a summary to log (``inf``: nothing pending)."""
+        """When a summary falls due (``inf``: nothing pending)."""
         return self._last_line + self.interval if self._pending else float("inf")
 
     def record(self, kind: str, last: str, now: float) -> bool:
         """Count one error of ``kind``; return whether to log it in full now.
 
         ``last`` describes it, for the summary line's ``(last: ...)``.
+        Trio thread only.
         """
         self._last = last
         if not self._pending and now >= self._last_line + self.interval:
@@ -208,7 +235,22 @@ class GroupedLog:
             return True
         self._pending[kind] += 1
         self.flush(now)
+        if self._pending and not self._timer:
+            self._timer = True
+            trio.lowlevel.spawn_system_task(
+                self._run_timer, name=f"trio_evlisten log timer: {self.prefix}"
+            )
         return False
+
+    async def _run_timer(self) -> None:
+        try:
+            while self._pending:
+                await trio.sleep_until(self.due)
+                self.flush(trio.current_time())
+        finally:
+            self._timer = False
+            # Cancelled only when the run ends: say what was held.
+            self.flush(trio.current_time(), final="; run ended")
 
     def flush(self, now: float, *, final: str = "") -> None:
         """Log the summary line if it is due (or, with ``final``, if any).
@@ -222,7 +264,8 @@ class GroupedLog:
         since = self._last_line
         self._pending.clear()
         self._last_line = now
-        self.logger.error(
+        self.logger.log(
+            self.level,
             "%s: %s in %.1f s (last: %s)%s",
             self.prefix,
             counts,

@@ -186,8 +186,7 @@ async def hand_off(
             if isinstance(item, ConnListener):
                 # Closing it must not unlink a path the successor serves, and
                 # draining it must leave the queue to the successor.
-                item._lsock.unlink_path = None
-                item._lsock.handed_off = True
+                item.mark_handed_off()
     return proc
 
 

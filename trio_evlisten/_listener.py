@@ -1,16 +1,23 @@
-"""The public object, :class:`ConnListener`: what a listener promises.
+"""The public object, :class:`ConnListener`, and running it.
 
 Owns: the properties and methods users call, their argument checks and
-docs, and the statistics snapshot. Its state lives in :mod:`._gate` (every
-transition, the thread rules); it runs nothing itself: the accept task is
-:mod:`._accept`'s, the handler tasks :mod:`._handlers`' (hosting, counting,
-draining) and :mod:`._connection`'s (one connection's life).
+docs, the statistics snapshot, the wiring of the stages, and
+:func:`run_listener` (the nursery, its tasks, and what leaving the block
+means). It decides nothing itself: the state and the accept decision are
+:mod:`._state`'s; the accept task is :mod:`._accept`'s; where handlers run,
+the line for a slot and the drain's waiting are :mod:`._host`'s; one
+connection's life is :mod:`._connection`'s. A method here checks its
+arguments, tells the state, and does what the state answers (wake the
+accept task, release the socket).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import sys
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -18,20 +25,28 @@ import trio
 
 from ._accept import Acceptor
 from ._backlog import accept_queue
-from ._checks import check_max_connections, check_seconds
-from ._connection import Connections
-from ._errors import GroupedLog
+from ._checks import (
+    check_accept_cb,
+    check_error_cb,
+    check_max_connections,
+    check_seconds,
+)
+from ._connection import ConnectionRunner
 from ._fd_budget import default_max_pending, warn_if_fd_limit_below
 from ._flags import Flag
-from ._gate import Gate, check_accept_cb, check_error_cb
-from ._handlers import Handlers
-from ._options import ListenerOptions
-from ._proxy_gate import ProxyGate, trusted_networks
+from ._host import HandlerHost, task_name
+from ._outcome import shape
+from ._proxy_reader import ProxyReader, trusted_networks
+from ._state import ListenerState
 from ._stats import DrainResult, ListenerStatistics
 
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from ._options import ListenerOptions
     from ._socket import ListeningSocket
 
     AcceptCallback = Callable[..., Awaitable[object]]
@@ -58,55 +73,50 @@ class ConnListener:
 
     _lsock: ListeningSocket
     _flags: Flag
-    # Only read once, to make the gate, which keeps them from then on.
+    # Only read once, to make the state, which keeps them from then on.
     _cb: AcceptCallback | None
     _args: tuple[Any, ...]
     _error_cb: ErrorCallback | None
-    _error_args: tuple[Any, ...]
     _options: ListenerOptions
 
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _sockname: Any = attrs.field(init=False)
-    _proxy: ProxyGate | None = attrs.field(default=None, init=False)
-    _gate: Gate = attrs.field(init=False)
-    _conns: Connections = attrs.field(init=False)
-    _handlers: Handlers = attrs.field(init=False)
+    _proxy: ProxyReader | None = attrs.field(default=None, init=False)
+    _state: ListenerState = attrs.field(init=False)
+    _runner: ConnectionRunner = attrs.field(init=False)
+    _host: HandlerHost = attrs.field(init=False)
     _acceptor: Acceptor = attrs.field(init=False)
+    _token: trio.lowlevel.TrioToken = attrs.field(
+        factory=trio.lowlevel.current_trio_token, init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         self._sockname = sockname = self._lsock.std.getsockname()
         options = self._options
         if options["proxy_protocol"]:
-            self._proxy = ProxyGate(
+            self._proxy = ProxyReader(
                 trusted_networks(options["proxy_trusted"]),
                 options["proxy_timeout"],
                 sockname,
             )
-        self._gate = gate = Gate(
+        self._state = state = ListenerState(
             self._flags,
             self._cb,
             self._args,
             self._error_cb,
-            self._error_args,
+            (),
             options["max_connections"],
-            release=self._release,
-            wake=self._wake,
-        )
-        handler_log = GroupedLog(
-            logger, f"handlers of {sockname!r} raised", "handler_errors"
-        )
-        self._conns = Connections(
-            self, self._flags, options, self._proxy, gate.lock, handler_log
-        )
-        self._conns.prepare(self._lsock.std)
-        self._handlers = Handlers(
-            gate,
-            self._conns,
-            self._slot_freed,
-            self._wake_acceptor,
             options["max_pending"] or default_max_pending(options["max_connections"]),
+            preamble=self._proxy is not None or options["ssl_context"] is not None,
         )
-        self._acceptor = Acceptor(self, self._lsock, gate, self._handlers, handler_log)
+        self._runner = runner = ConnectionRunner(
+            self, state, self._flags, options, self._proxy, sockname
+        )
+        runner.prepare(self._lsock.std)
+        self._host = host = HandlerHost(
+            state, runner, self._wake_acceptor, task_name(self._cb)
+        )
+        self._acceptor = Acceptor(self, self._lsock, state, host.start)
 
     # ------------------------------------------------------------------
     # Public, non-blocking API
@@ -183,12 +193,12 @@ class ConnListener:
         Accepting also needs a callback: with ``cb=None`` an enabled
         listener still waits.
         """
-        return self._gate.enabled
+        return self._state.enabled
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called, or the listener ended."""
-        return self._gate.closed
+        return self._state.closed
 
     def statistics(self) -> ListenerStatistics:
         """A frozen snapshot of the listener's counters and state.
@@ -196,25 +206,25 @@ class ConnListener:
         ``queue_depth``/``queue_limit`` are read from the kernel at the call
         (one ``getsockopt``), the rest from the listener's counters.
         """
-        gate = self._gate
-        queue = None if gate.closed else accept_queue(self._lsock.std)
-        acceptor, handlers, conns = self._acceptor, self._handlers, self._conns
-        with gate.lock:
+        state = self._state
+        queue = None if state.closed else accept_queue(self._lsock.std)
+        acceptor, runner = self._acceptor, self._runner
+        with state.lock:
             return ListenerStatistics(
                 accepted=acceptor.accepted,
-                active=handlers.active,
-                pending=handlers.pending,
+                active=state.active,
+                pending=state.pending,
                 errors=acceptor.errors,
                 retried=acceptor.retried,
-                paused_by_errors=acceptor.resume_at > _now(),
+                paused_by_errors=state.paused,
                 backoff=acceptor.backoff.current,
-                handler_errors=conns.handler_errors,
-                tls_failures=conns.tls_failures,
+                handler_errors=runner.handler_errors,
+                tls_failures=runner.tls_failures,
                 proxy_rejected=0 if self._proxy is None else self._proxy.rejected,
-                enabled=gate.enabled,
-                closed=gate.closed,
-                max_connections=gate.max_connections,
-                max_pending=handlers.max_pending,
+                enabled=state.enabled,
+                closed=state.closed,
+                max_connections=state.max_connections,
+                max_pending=state.max_pending,
                 queue_depth=None if queue is None else queue[0],
                 queue_limit=None if queue is None else queue[1],
                 backlog=self._lsock.backlog if queue is None else queue[1],
@@ -230,7 +240,7 @@ class ConnListener:
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        self._gate.set_enabled(True)
+        self._change("enable", self._state.set_enabled, True)
 
     def disable(self) -> None:
         """Stop accepting until :meth:`enable` (``evconnlistener_disable``).
@@ -243,7 +253,7 @@ class ConnListener:
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        self._gate.set_enabled(False)
+        self._change("disable", self._state.set_enabled, False)
 
     def set_cb(self, cb: AcceptCallback | None, *args: Any) -> None:
         """Replace the accept callback and its arguments (``evconnlistener_set_cb``).
@@ -259,7 +269,8 @@ class ConnListener:
                 :attr:`Flag.THREADSAFE`.
         """
         check_accept_cb(cb)
-        self._gate.set_cb(cb, args)
+        self._change("set_cb", self._state.set_cb, cb, args)
+        self._host.task_name = task_name(cb)
 
     def set_error_cb(self, error_cb: ErrorCallback | None, *args: Any) -> None:
         """Set the callback for ``accept()`` errors (``evconnlistener_set_error_cb``).
@@ -277,7 +288,7 @@ class ConnListener:
                 :attr:`Flag.THREADSAFE`.
         """
         check_error_cb(error_cb)
-        self._gate.set_error_cb(error_cb, args)
+        self._change("set_error_cb", self._state.set_error_cb, error_cb, args)
 
     def set_max_connections(self, max_connections: int | None) -> None:
         """Change the cap on running handlers of a running listener.
@@ -297,7 +308,9 @@ class ConnListener:
                 :attr:`Flag.THREADSAFE`.
         """
         check_max_connections(max_connections)
-        self._gate.set_max_connections(max_connections)
+        self._change(
+            "set_max_connections", self._state.set_max_connections, max_connections
+        )
         warn_if_fd_limit_below(max_connections)
 
     @property
@@ -308,7 +321,7 @@ class ConnListener:
         (without ``handler_nursery=``). Handlers poll it between requests or
         wait for it with :meth:`wait_draining`.
         """
-        return self._handlers.draining
+        return self._state.draining.is_set()
 
     async def wait_draining(self) -> None:
         """Wait until a drain begins (returns at once if one has).
@@ -316,7 +329,7 @@ class ConnListener:
         For a handler that idles (a keep-alive connection, a subscription):
         race it against the next request and finish up when it returns.
         """
-        await self._handlers.wait_draining()
+        await self._state.draining.wait()
 
     async def drain(self, grace: float | None = None) -> DrainResult:
         """Serve what is queued, stop accepting, let handlers finish, cancel the rest.
@@ -353,15 +366,31 @@ class ConnListener:
                 :func:`trio.from_thread.run`).
         """
         check_seconds("grace", grace, optional=True)
-        self._gate.check_thread("drain")
-        start = self._handlers.begin_drain()
+        if not self._state.check_thread("drain"):
+            raise RuntimeError(
+                "ConnListener.drain() was called from a thread other than the "
+                "listener's; it is async: use trio.from_thread.run(listener.drain)"
+            )
+        if self._host.is_handler(trio.lowlevel.current_task()):
+            raise RuntimeError(
+                "ConnListener.drain() was awaited from one of the listener's own "
+                "handlers (or a task inside one): it would wait for that handler "
+                "to finish. Start it in another task instead, e.g. "
+                "listener.nursery.start_soon(listener.drain), or return from "
+                "the handler and drain from the task that opened the listener"
+            )
+        start = self._runner.ended()
+        self._state.begin_drain()
+        # Connections past their preamble waiting for a slot start now,
+        # past the cap: the drain serves them.
+        self._host.grant()
         deadline = math.inf if grace is None else trio.current_time() + grace
-        queued = self._acceptor.queued()
-        if queued:
-            with trio.move_on_at(deadline):
-                await self._acceptor.sweep(queued)
+        # Take what the kernel queued and close in the same step, with no
+        # checkpoint in between (sweep() is synchronous), so that nothing
+        # can join the queue unseen before the socket closes.
+        self._acceptor.sweep()
         self.close()
-        return await self._handlers.finish_drain(start, deadline)
+        return await self._host.finish_drain(start, deadline)
 
     def close(self) -> None:
         """Stop accepting, for good (``evconnlistener_free``).
@@ -382,34 +411,126 @@ class ConnListener:
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        self._gate.close()
+        on_trio_thread = self._state.check_thread("close")
+        with self._state.lock:
+            first = self._state.close()
+        if first:
+            self._soon(on_trio_thread, self._release)
 
     async def aclose(self) -> None:
         """:meth:`close`, as an async method (it checkpoints)."""
         self.close()
         await trio.lowlevel.checkpoint()
 
-    # ------------------------------------------------------------------
-    # What the stages call back (wired in __attrs_post_init__)
+    def mark_handed_off(self) -> None:
+        """Record that a successor process holds this listener's socket.
 
-    def _release(self) -> None:
-        self._lsock.release(close=bool(self._flags & Flag.CLOSE_ON_FREE))
+        :func:`hand_off` calls it for each listener it passes; call it
+        yourself if you pass :attr:`fd` to a successor some other way. From
+        then on, closing the listener leaves a Unix socket's path in place
+        (the successor serves it), and a drain leaves the kernel's queue to
+        the successor instead of taking it.
+        """
+        self._lsock.hand_off()
+
+    # ------------------------------------------------------------------
+    # Telling the state, and doing what it answers
+
+    def _change(
+        self, method: str, transition: Callable[..., object], *args: Any
+    ) -> None:
+        """Run one of the state's transitions; wake the accept task if it says so."""
+        on_trio_thread = self._state.check_thread(method)
+        with self._state.lock:
+            wake = transition(*args)
+        if wake:
+            self._soon(on_trio_thread, self._wake)
+
+    def _soon(self, on_trio_thread: bool, fn: Callable[[], None]) -> None:
+        """Run ``fn`` now on the Trio thread, or soon from another one."""
+        if on_trio_thread:
+            fn()
+        else:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(fn)
 
     def _wake(self) -> None:
         # The gate may have opened: the accept task re-reads it, and a raised
-        # cap gives waiting connections their slots.
+        # cap gives connections waiting in line their slots.
         self._acceptor.wake()
-        self._handlers.promote()
+        self._host.grant()
 
     def _wake_acceptor(self) -> None:
         self._acceptor.wake()
 
-    def _slot_freed(self) -> bool:
-        return self._acceptor.slot_freed()
+    def _release(self) -> None:
+        self._acceptor.wake()
+        self._lsock.release(close=bool(self._flags & Flag.CLOSE_ON_FREE))
+        self._state.closed_event.set()
+
+    async def _accept(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The accept task: however it ends, the listener is closed with it."""
+        try:
+            await self._acceptor.run(task_status=task_status)
+        finally:
+            self.close()
 
 
-def _now() -> float:
+@asynccontextmanager
+async def run_listener(
+    lsock: ListeningSocket,
+    flags: Flag,
+    cb: AcceptCallback | None,
+    args: tuple[Any, ...],
+    error_cb: ErrorCallback | None,
+    options: ListenerOptions,
+) -> AsyncIterator[ConnListener]:
+    """Run a listener on ``lsock`` while the block runs (:func:`open_listener`'s body).
+
+    Resource handling:
+        The socket is released (closed with ``CLOSE_ON_FREE``) if the
+        listener cannot be made, and when the listener closes. Leaving the
+        block drains (without ``handler_nursery=``) or closes (with it).
+    """
     try:
-        return trio.current_time()
-    except RuntimeError:  # called from a thread: no Trio clock here
-        return -math.inf
+        listener = ConnListener(lsock, flags, cb, args, error_cb, options)
+    except BaseException:
+        lsock.release(close=bool(flags & Flag.CLOSE_ON_FREE))
+        raise
+    handler_nursery = options["handler_nursery"]
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            if handler_nursery is None:
+                listener._nursery = nursery
+                # Handlers get a nursery of their own, for drain() to cancel.
+                await nursery.start(listener._host.host)
+            else:
+                listener._nursery = handler_nursery
+                listener._host.use_nursery(handler_nursery)
+            await nursery.start(listener._accept)
+            try:
+                yield listener
+            except BaseException as exc:
+                body_error = exc
+                listener.close()
+                raise
+            if handler_nursery is None:
+                # A normal exit drains: handlers see listener.draining, what
+                # the kernel queued is served, handlers get drain_timeout to
+                # finish, then are cancelled.
+                await listener.drain(options["drain_timeout"])
+            else:
+                listener.close()
+    except BaseExceptionGroup as group:
+        error = shape(group, listener._host.group, body_error)
+    else:
+        return
+    raise error
+
+
+async def wait_closed(listener: ConnListener) -> None:
+    """Wait until ``listener`` is closed and its socket released."""
+    await listener._state.closed_event.wait()

@@ -1,28 +1,24 @@
 """``open_listener`` and ``serve_listener``: open the socket, then serve it.
 
 Thin on purpose: :mod:`._socket` makes the listening socket and
-:class:`ConnListener` runs it; these two functions only chain them inside a
-nursery and decide what leaving the block means.
+:func:`._listener.run_listener` runs it (its nursery, its tasks, what leaving
+the block means); these two functions check the arguments and chain them.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._checks import check_accept_cb, check_error_cb
 from ._fd_budget import warn_if_fd_limit_below
 from ._flags import Flag, check_flags
-from ._gate import check_accept_cb, check_error_cb
-from ._listener import ConnListener
+from ._listener import ConnListener, run_listener, wait_closed
 from ._options import ListenerOptions, resolve
 from ._socket import make_listening_socket
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -111,8 +107,6 @@ async def open_listener(
     check_accept_cb(cb)
     check_error_cb(error_cb)
     resolved = resolve(options, flags)
-    handler_nursery = resolved["handler_nursery"]
-    drain_timeout = resolved["drain_timeout"]
     # Pending connections hold fds only where a preamble makes them pend.
     preamble = resolved["proxy_protocol"] or resolved["ssl_context"] is not None
     warn_if_fd_limit_below(
@@ -131,126 +125,12 @@ async def open_listener(
         keepalive=keepalive,
         unix_mode=resolved["unix_mode"],
     )
-    try:
-        listener = ConnListener(lsock, flags, cb, args, error_cb, (), resolved)
-    except BaseException:
-        lsock.release(close=bool(flags & Flag.CLOSE_ON_FREE))
-        raise
-    body_error: BaseException | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            if handler_nursery is None:
-                listener._nursery = nursery
-                # Handlers get a nursery of their own, for drain() to cancel.
-                await nursery.start(listener._handlers.host)
-            else:
-                listener._nursery = handler_nursery
-                listener._handlers.use_nursery(handler_nursery)
-            await nursery.start(listener._acceptor.run)
-            try:
-                yield listener
-            except BaseException as exc:
-                body_error = exc
-                listener.close()
-                raise
-            if handler_nursery is None:
-                # A normal exit drains: handlers see listener.draining, what
-                # the kernel queued is served, handlers get drain_timeout to
-                # finish, then are cancelled.
-                await listener.drain(drain_timeout)
-            else:
-                listener.close()
-    except BaseExceptionGroup as group:
-        error = _shape(group, listener._handlers.group, body_error)
-    else:
-        return
-    raise error
-
-
-def _shape(
-    group: BaseExceptionGroup[BaseException],
-    handlers_group: BaseException | None,
-    body_error: BaseException | None,
-) -> BaseException:
-    """What leaves ``open_listener`` when its nursery raised ``group``.
-
-    * Handlers' errors come from the handler nursery's host task, one group
-      deeper: they are lifted to this level, as if handlers were direct
-      children of this nursery.
-    * A ``KeyboardInterrupt`` or ``SystemExit`` leaves bare, wherever it was
-      raised (the block, a handler, a callback), so that ``except
-      KeyboardInterrupt`` around ``trio.run`` works under load too; whatever
-      else failed with it is kept as its ``__cause__`` (its ``__context__``
-      is taken by the exception Python is handling when it leaves), so a
-      traceback still shows it.
-    * The nursery is ours, not the caller's: an exception from the block
-      alone comes out as it went in. Errors of the listener itself stay in
-      their group.
-    """
-    spliced = _splice(group, handlers_group)
-    exits, rest = spliced.split((KeyboardInterrupt, SystemExit))
-    if exits is not None:
-        if isinstance(body_error, (KeyboardInterrupt, SystemExit)):
-            leaving: BaseException = body_error
-        else:
-            leaving = _leaves(exits)[0]
-        if rest is not None:
-            leaving.__cause__ = rest
-        return leaving
-    if body_error is not None and _is_only(spliced, body_error):
-        return body_error
-    if spliced is not group:
-        spliced.__suppress_context__ = True
-        spliced.__cause__ = group.__cause__
-        return spliced.with_traceback(group.__traceback__)
-    return group
+    async with run_listener(lsock, flags, cb, args, error_cb, resolved) as listener:
+        yield listener
 
 
 def _is_path(address: object) -> bool:
     return isinstance(address, (str, os.PathLike))
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
-
-
-def _splice(
-    group: BaseExceptionGroup[BaseException], inner: BaseException | None
-) -> BaseExceptionGroup[BaseException]:
-    """``group`` with the group ``inner`` (one of its members) opened in place.
-
-    Trio may hand on a copy of ``inner`` (derived when it strips
-    ``Cancelled``), so the member is found by its exceptions' identity.
-    """
-    if not isinstance(inner, BaseExceptionGroup):
-        return group
-    ours = {id(exc) for exc in inner.exceptions}
-
-    def is_inner(exc: BaseException) -> bool:
-        return isinstance(exc, BaseExceptionGroup) and all(
-            id(e) in ours for e in exc.exceptions
-        )
-
-    if not any(is_inner(exc) for exc in group.exceptions):
-        return group
-    members: list[BaseException] = []
-    for exc in group.exceptions:
-        if is_inner(exc):
-            assert isinstance(exc, BaseExceptionGroup)
-            members.extend(exc.exceptions)
-        else:
-            members.append(exc)
-    return group.derive(members)
-
-
-def _is_only(group: BaseExceptionGroup[BaseException], exc: BaseException) -> bool:
-    """Whether ``exc`` is the only leaf of the (possibly nested) ``group``."""
-    inner: BaseException = group
-    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
-        inner = inner.exceptions[0]
-    return inner is exc
 
 
 async def serve_listener(
@@ -292,4 +172,4 @@ async def serve_listener(
         **options,
     ) as listener:
         task_status.started(listener)
-        await listener._gate.closed_event.wait()
+        await wait_closed(listener)

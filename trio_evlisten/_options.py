@@ -42,7 +42,7 @@ from ._checks import (
     stream_class,
 )
 from ._flags import Flag
-from ._proxy_gate import PROXY_TIMEOUT, Network
+from ._proxy_reader import PROXY_TIMEOUT, Network
 from ._stream import SocketStream
 
 #: How long a TLS handshake may take, by default, before the connection is

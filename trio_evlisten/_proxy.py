@@ -13,7 +13,7 @@ relays the client's bytes. Three layers, each testable alone:
   the header"); a header in pieces is waited for on readability, never on
   a timer.
 
-:class:`._proxy_gate.ProxyGate` puts them together for the listener: the
+:class:`._proxy_reader.ProxyReader` puts them together for the listener: the
 trust check, the timeout, the count and the rate-limited warning.
 
 Everything wrong with a header raises :exc:`ProxyHeaderError`, and nothing

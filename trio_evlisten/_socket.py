@@ -61,6 +61,11 @@ class ListeningSocket:
     #: Set by :func:`hand_off`: a successor holds the socket, and its queue.
     handed_off: bool = False
 
+    def hand_off(self) -> None:
+        """A successor holds the socket now: leave it its path and its queue."""
+        self.unlink_path = None
+        self.handed_off = True
+
     def closed_underfoot(self) -> bool:
         """Whether someone closed the socket behind the listener's back.
 

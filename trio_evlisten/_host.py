@@ -1,16 +1,16 @@
-"""Hosting handler tasks: where they run, how many, and draining them.
+"""Hosting handler tasks: where they run, the line for a slot, and draining.
 
 Owns: the nursery handlers are started in (ours, owned by a host task so that
 its scope covers the handlers and nothing else; or the caller's
-``handler_nursery=``, with a cancel scope per handler), the counts (``active``
-handlers, each holding a slot of ``max_connections``; ``pending``
-connections, still in their preamble or waiting for a slot, bounded by
-``max_pending``), the FIFO of connections waiting for a slot, what a
-finishing one wakes, and the drain's waiting, warning and cancelling.
+``handler_nursery=``, with a cancel scope per handler), the line of
+connections waiting for a handler slot (a FIFO), what a finishing
+connection sets off (slots handed on, the accept task woken), and the
+drain's waiting, warning and cancelling.
 
-May not touch: what a connection does once its task runs (that is
-:mod:`._connection`), the accept loop, or the gate's state (a finishing
-handler only asks the accept task to re-read it).
+May not touch: the counts and caps (:class:`._state.ListenerState` keeps
+them; this module tells it what happened and does what it answers), what a
+connection does once its task runs (:mod:`._connection`), or the accept
+loop (it only wakes it).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from socket import socket as StdSocket
 
-    from ._connection import Connections
-    from ._gate import AcceptCallback, Gate
+    from ._connection import ConnectionRunner
+    from ._state import AcceptCallback, ListenerState
 
 logger: Final = logging.getLogger("trio_evlisten")
 
@@ -47,99 +47,38 @@ _NO_SCOPE: Final = contextlib.nullcontext()
 
 
 @attrs.define(eq=False)
-class Handlers:
-    """The connections of one listener from accept to close."""
+class HandlerHost:
+    """Where one listener's handler tasks run, from start to drain."""
 
-    _gate: Gate
-    _conns: Connections
-    #: Ends an out-of-fds pause when a handler finishes (the accept task's).
-    _slot_freed: Callable[[], bool]
+    _state: ListenerState
+    _runner: ConnectionRunner
     #: Wakes the accept task.
     _wake: Callable[[], None]
-    max_pending: int
-    #: Handlers running, each holding a slot (counted from accept when there
-    #: is no preamble, so the cap is exact even in a burst).
-    active: int = attrs.field(default=0, init=False)
-    #: Connections accepted whose handler has not started yet.
-    pending: int = attrs.field(default=0, init=False)
+    #: The name handler tasks get, for trio's task tree and tracebacks.
+    task_name: str
     # Connections past their preamble, waiting for a slot, first come first.
-    _slot_queue: trio.lowlevel.ParkingLot = attrs.field(
+    _line: trio.lowlevel.ParkingLot = attrs.field(
         factory=trio.lowlevel.ParkingLot, init=False
     )
     # Where handlers are started: our handler nursery, or the caller's.
     _spawn_into: trio.Nursery | None = attrs.field(default=None, init=False)
     # Our handler nursery's scope (None with handler_nursery=).
     _scope: trio.CancelScope | None = attrs.field(default=None, init=False)
-    # The group our handler nursery raised, for open_listener to splice.
+    #: The group our handler nursery raised, for open_listener to splice.
     group: BaseException | None = attrs.field(default=None, init=False)
-    # With handler_nursery=: a cancel scope per handler, so drain() can
+    # With handler_nursery=: a cancel scope per handler task, so drain() can
     # cancel ours without touching the caller's other tasks.
     _scoped: bool = attrs.field(default=False, init=False)
-    _scopes: set[trio.CancelScope] = attrs.field(factory=set, init=False)
+    _scopes: dict[trio.lowlevel.Task, trio.CancelScope] = attrs.field(
+        factory=dict, init=False
+    )
     _idle: trio.Event | None = attrs.field(default=None, init=False)
-    _draining: trio.Event = attrs.field(factory=trio.Event, init=False)
     # One bound method for every connection's task to call when it ends (a
-    # bound method per connection would be 48 bytes each, held while it runs).
+    # bound method per connection would be held while each one runs).
     _done: Callable[[], None] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._done = self._finished_active
-
-    # ------------------------------------------------------------------
-    # Room (all under the gate's lock)
-
-    def has_room(self) -> bool:
-        """Whether one more connection may be accepted now."""
-        if self.pending >= self.max_pending:
-            return False
-        if self._conns.has_preamble:
-            # Slots are taken once the preamble is done; until then the
-            # connection is pending, bounded by max_pending.
-            return True
-        cap = self._gate.max_connections
-        return cap is None or self.active < cap
-
-    def admit(self) -> None:
-        """Count a connection just accepted."""
-        if self._conns.has_preamble:
-            self.pending += 1
-        else:
-            self.active += 1
-
-    def promote(self) -> None:
-        """Give free slots to connections waiting for one (the cap rose).
-
-        Trio thread only.
-        """
-        with self._gate.lock:
-            self._promote()
-
-    def _promote(self) -> int:
-        cap = self._gate.max_connections
-        n = len(self._slot_queue)
-        if cap is not None:
-            n = min(n, cap - self.active)
-        if n > 0:
-            self.active += n
-            self.pending -= n
-            self._slot_queue.unpark(count=n)
-        return max(n, 0)
-
-    async def _take_slot(self) -> None:
-        """Move this connection from pending to active, waiting in line."""
-        with self._gate.lock:
-            cap = self._gate.max_connections
-            if not self._slot_queue and (cap is None or self.active < cap):
-                full = self.pending >= self.max_pending
-                self.pending -= 1
-                self.active += 1
-            else:
-                full = None
-        if full is None:
-            # _finished() or promote() moves us, then unparks us.
-            await self._slot_queue.park()
-        elif full:
-            self._wake()
 
     # ------------------------------------------------------------------
     # Where handlers run
@@ -158,71 +97,83 @@ class Handlers:
                 self._scope = nursery.cancel_scope
                 self._spawn_into = nursery
                 task_status.started()
-                await self._gate.closed_event.wait()
+                await self._state.closed_event.wait()
         except BaseExceptionGroup as group:
             self.group = group
             raise
         finally:
-            self._conns.log.flush(trio.current_time(), final="; listener closed")
+            self._runner.flush_log("; listener closed")
 
     def use_nursery(self, nursery: trio.Nursery) -> None:
         """Run handlers in the caller's ``nursery``, each in its own scope."""
         self._spawn_into = nursery
         self._scoped = True
 
+    def is_handler(self, task: trio.lowlevel.Task) -> bool:
+        """Whether ``task`` is one of our handlers, or runs inside one."""
+        ours = None if self._scoped else self._spawn_into
+        scoped = self._scopes
+        while True:
+            if task in scoped:
+                return True
+            nursery = task.parent_nursery
+            if nursery is None:
+                return False
+            if nursery is ours:
+                return True
+            task = nursery.parent_task
+
     def start(
         self, conn: StdSocket, addr: Any, cb: AcceptCallback, args: tuple[Any, ...]
     ) -> None:
         """Start the task of a connection just accepted (already admitted)."""
+        runner = self._runner
+        preamble = self._state.preamble
         try:
             # A fixed name: trio would otherwise format one per task, which
-            # costs a string allocation per connection (~280 B held while
-            # the connection lives) and CPU on the accept path.
+            # costs a string per connection, held while it lives, and CPU on
+            # the accept path.
             assert self._spawn_into is not None
-            if self._scoped or self._conns.has_preamble:
+            if self._scoped or preamble:
                 self._spawn_into.start_soon(
-                    self._run, conn, addr, cb, args, name=self._gate.task_name
+                    self._run, conn, addr, cb, args, name=self.task_name
                 )
             else:
                 # The common case needs nothing of ours around the handler
                 # but the count: the connection's own run is the task.
                 self._spawn_into.start_soon(
-                    self._conns.run,
-                    conn,
-                    None,
-                    addr,
-                    cb,
-                    args,
-                    self._done,
-                    name=self._gate.task_name,
-                )
+                    runner.run, conn, None, addr, cb, args, self._done,
+                    name=self.task_name,
+                )  # fmt: skip
         except BaseException:
             # Typically "Nursery is closed to new arrivals": the handler
             # nursery the user gave us has finished. The connection must not
             # leak; the listener cannot go on without a place for handlers.
-            conn.close()
-            self._finished(slot=not self._conns.has_preamble)
+            close(conn)
+            self._finished(slot=not preamble)
             raise
 
     async def _run(
         self, conn: StdSocket, addr: Any, cb: AcceptCallback, args: tuple[Any, ...]
     ) -> None:
         scope: contextlib.AbstractContextManager[object] = _NO_SCOPE
+        task = None
         if self._scoped:
             # In a caller's handler_nursery: a cancel scope of our own, so
             # drain() cancels our handlers and none of the caller's tasks.
             scope = own = trio.CancelScope()
-            if self._conns.cancelling:
+            if self._state.cancelling:
                 own.cancel()
-            self._scopes.add(own)
-        conns = self._conns
-        slot = not conns.has_preamble
+            task = trio.lowlevel.current_task()
+            self._scopes[task] = own
+        runner = self._runner
+        slot = not self._state.preamble
         try:
             with scope:
                 if slot:
-                    await conns.run(conn, None, addr, cb, args)
+                    await runner.run(conn, None, addr, cb, args)
                     return
-                opened = await conns.open(conn, addr)
+                opened = await runner.open(conn, addr)
                 if opened is None:
                     return
                 try:
@@ -233,33 +184,50 @@ class Handlers:
                     close(conn)
                     raise
                 slot = True
-                await conns.run(conn, opened[0], opened[1], cb, args)
+                await runner.run(conn, opened[0], opened[1], cb, args)
         finally:
-            if self._scoped:
+            if task is not None:
                 scopes = self._scopes
-                scopes.discard(scope)
+                del scopes[task]
                 if not scopes:
-                    # A set never shrinks by discarding: give back the table
+                    # A dict never shrinks by deleting: give back the table
                     # a burst of connections grew (clear() does, cheaply).
                     scopes.clear()
             self._finished(slot=slot)
+
+    # ------------------------------------------------------------------
+    # Slots
+
+    async def _take_slot(self) -> None:
+        """Move this connection from pending to active, waiting in line."""
+        state = self._state
+        with state.lock:
+            wake = state.take_slot(len(self._line))
+        if wake is None:
+            # _grant() moves us, then unparks us.
+            await self._line.park()
+        elif wake:
+            self._wake()
+
+    def grant(self) -> None:
+        """Give free slots to connections waiting in line (the cap rose, or
+        a drain began). Trio thread only."""
+        with self._state.lock:
+            n = self._state.slots_to_grant(len(self._line))
+        if n:
+            self._line.unpark(count=n)
 
     def _finished_active(self) -> None:
         self._finished(slot=True)
 
     def _finished(self, *, slot: bool) -> None:
-        with self._gate.lock:
-            cap = self._gate.max_connections
-            was_full = self.pending >= self.max_pending
-            if slot:
-                was_full |= cap is not None and self.active >= cap
-                self.active -= 1
-                self._promote()
-            else:
-                self.pending -= 1
-            # A slot (and an fd) came free: the gate may open again.
-            wake = self._slot_freed() or was_full
-            idle = not (self.active or self.pending)
+        state = self._state
+        with state.lock:
+            wake = state.finished(slot=slot)
+            n = state.slots_to_grant(len(self._line)) if slot and self._line else 0
+            idle = state.idle
+        if n:
+            self._line.unpark(count=n)
         if wake:
             self._wake()
         if idle and self._idle is not None:
@@ -268,39 +236,32 @@ class Handlers:
     # ------------------------------------------------------------------
     # Draining
 
-    @property
-    def draining(self) -> bool:
-        return self._draining.is_set()
-
-    async def wait_draining(self) -> None:
-        await self._draining.wait()
-
-    def begin_drain(self) -> tuple[int, int]:
-        """Set draining; return the counters the drain's result starts from."""
-        self._draining.set()
-        return self._conns.finished, self._conns.handler_errors
-
     async def finish_drain(
         self, start: tuple[int, int], deadline: float
     ) -> DrainResult:
-        """Wait until ``deadline`` for the connections, then cancel the rest."""
+        """Wait until ``deadline`` for the connections, then cancel the rest.
+
+        ``start`` is the runner's ``(finished, handler_errors)`` when the
+        drain began, so the result counts this drain's connections only.
+        """
+        state = self._state
         if not await self._wait_idle(deadline):
-            with self._gate.lock:
-                cancelled = self.active + self.pending
-            self._conns.cancelling = True
+            with state.lock:
+                cancelled = state.active + state.pending
+            state.cancelling = True
             if self._scope is not None:
                 self._scope.cancel()
-            for scope in self._scopes:
+            for scope in self._scopes.values():
                 scope.cancel()
             await self._wait_idle(float("inf"))
         else:
             cancelled = 0
             await trio.lowlevel.checkpoint()
-        self._conns.log.flush(trio.current_time(), final="; drained")
-        finished, failed = start
+        self._runner.flush_log("; drained")
+        finished, failed = self._runner.ended()
         return DrainResult(
-            finished=self._conns.finished - finished,
-            failed=self._conns.handler_errors - failed,
+            finished=finished - start[0],
+            failed=failed - start[1],
             cancelled=cancelled,
         )
 
@@ -309,11 +270,12 @@ class Handlers:
 
         Warns (once after :data:`DRAIN_WARN_AFTER` seconds, then every
         :data:`DRAIN_WARN_EVERY`) while it waits, so a drain held up by
-        handlers that never finish is not silent.
+        handlers that never finish is not silent, and says what to do.
         """
+        state = self._state
         began = trio.current_time()
         warn_at = began + DRAIN_WARN_AFTER
-        while self.active or self.pending:
+        while not state.idle:
             # Shared by concurrent drains: replace it only once it fired.
             if self._idle is None or self._idle.is_set():
                 self._idle = trio.Event()
@@ -324,10 +286,19 @@ class Handlers:
                 return False
             logger.warning(
                 "draining: still waiting for %d handler(s) and %d connection(s) "
-                "in their preamble after %.0f s",
-                self.active,
-                self.pending,
+                "in their preamble after %.0f s. A handler that waits for its "
+                "peer should return once listener.draining is set (race its "
+                "wait against listener.wait_draining()); drain_timeout= (or "
+                "drain(grace=)) bounds the wait, then cancels them",
+                state.active,
+                state.pending,
                 trio.current_time() - began,
             )
             warn_at += DRAIN_WARN_EVERY
         return True
+
+
+def task_name(cb: object) -> str:
+    """The name handler tasks get, for trio's task tree and tracebacks."""
+    name = getattr(cb, "__qualname__", None) or type(cb).__qualname__
+    return f"trio_evlisten handler {name}"

@@ -1,6 +1,6 @@
-"""The listener's side of ``proxy_protocol=True``: who is trusted, the timeout,
-the count and the rate-limited warning around :func:`._proxy.read_header`, and
-which address the handler is given.
+"""The listener's PROXY header reader (``proxy_protocol=True``): who is
+trusted, the timeout, the count and the grouped warning around
+:func:`._proxy.read_header`, and which address the handler is given.
 
 The address a handler gets (its ``addr``):
 
@@ -32,19 +32,21 @@ The address a handler gets (its ``addr``):
 
 Anything else (an untrusted peer, a malformed, oversized or truncated header,
 a timeout) closes the connection before the handler runs, counted in
-``proxy_rejected`` and warned about at most once per :data:`WARN_INTERVAL`.
+``proxy_rejected`` and warned about through the listener's one kind of
+grouped log (:class:`._errors.GroupedLog`): the first of a burst in full, then
+one summary line per interval with the count of each reason.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import attrs
 import trio
 
+from ._errors import GroupedLog
 from ._proxy import Peekable, ProxyHeaderError, read_header
 
 if TYPE_CHECKING:
@@ -61,8 +63,6 @@ DEFAULT_TRUSTED: Final[tuple[Network, ...]] = (
 )
 #: How long a header may take to arrive, by default.
 PROXY_TIMEOUT: Final = 5.0
-#: At most one WARNING per this many seconds per listener for rejections.
-WARN_INTERVAL: Final = 10.0
 
 
 def trusted_networks(value: Iterable[str | Network] | None) -> tuple[Network, ...]:
@@ -114,13 +114,13 @@ def is_trusted(addr: Any, nets: tuple[Network, ...]) -> bool:
     return any(ip in net for net in nets)
 
 
-#: What :meth:`ProxyGate.read` returns for a connection it refused.
+#: What :meth:`ProxyReader.read` returns for a connection it refused.
 REJECTED: Final = object()
 
 
 @attrs.define(eq=False)
-class ProxyGate:
-    """The listener's PROXY header reader: trust, timeout, count, log.
+class ProxyReader:
+    """Reads the PROXY header of each connection: trust, timeout, count, log.
 
     Attributes:
         trusted: who may send a header (``proxy_trusted``).
@@ -135,8 +135,15 @@ class ProxyGate:
     timeout: float
     where: Any
     rejected: int = attrs.field(default=0, init=False)
-    _next_warning: float = attrs.field(default=-math.inf, init=False)
-    _suppressed: int = attrs.field(default=0, init=False)
+    _log: GroupedLog = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._log = GroupedLog(
+            logger,
+            f"listener {self.where!r} dropped connections",
+            "proxy_rejected",
+            level=logging.WARNING,
+        )
 
     async def read(self, sock: Peekable, addr: Any) -> Any:
         """The address to hand the handler, or :data:`REJECTED`.
@@ -160,17 +167,19 @@ class ProxyGate:
             ``sock`` stays the caller's, who closes it on ``REJECTED``.
         """
         if not is_trusted(addr, self.trusted):
-            self._reject(addr, "the peer is not in proxy_trusted")
+            self._reject(addr, "untrusted", "the peer is not in proxy_trusted")
             await trio.lowlevel.checkpoint()
             return REJECTED
         with trio.move_on_after(self.timeout):
             try:
                 header = await read_header(sock)
             except ProxyHeaderError as exc:
-                self._reject(addr, str(exc))
+                self._reject(addr, "bad header", str(exc))
                 return REJECTED
             return self._address(header.source, addr)
-        self._reject(addr, f"no complete PROXY header within {self.timeout} s")
+        self._reject(
+            addr, "timeout", f"no complete PROXY header within {self.timeout} s"
+        )
         return REJECTED
 
     def _address(self, source: Any, addr: Any) -> Any:
@@ -190,20 +199,17 @@ class ProxyGate:
             return addr
         return source
 
-    def _reject(self, addr: Any, why: str) -> None:
+    def _reject(self, addr: Any, kind: str, why: str) -> None:
         self.rejected += 1
-        now = trio.current_time()
-        if now < self._next_warning:
-            self._suppressed += 1
-            return
-        suppressed, self._suppressed = self._suppressed, 0
-        self._next_warning = now + WARN_INTERVAL
-        logger.warning(
-            "listener %r dropped a connection from %r: %s "
-            "(%d more dropped without a warning in the last %.0f s)",
-            self.where,
-            addr,
-            why,
-            suppressed,
-            WARN_INTERVAL,
-        )
+        if self._log.record(kind, f"{why} from {addr!r}", trio.current_time()):
+            logger.warning(
+                "listener %r dropped a connection from %r: %s",
+                self.where,
+                addr,
+                why,
+                extra={"proxy_rejected": 1},
+            )
+
+    def flush_log(self, final: str) -> None:
+        """Log what the grouped warning still holds, with ``final``."""
+        self._log.flush(trio.current_time(), final=final)
