@@ -410,3 +410,153 @@ async def test_a_handlers_own_nursery_is_drained_and_supervised_with_it(
     assert "helper failed" in "".join(
         logging.Formatter().formatException(logged.exc_info)
     )
+
+
+# ----------------------------------------------------------------------
+# Nothing that completed its TCP handshake is reset by a drain
+
+
+async def answer_until_draining(
+    listener: ConnListener, conn: trio.abc.Stream, addr: Any
+) -> None:
+    """A well-behaved handler: answers one message; once draining, that's all."""
+    await conn.send_all(await conn.receive_some())
+    while not listener.draining:
+        data = await conn.receive_some()
+        if not data:
+            return
+        await conn.send_all(data)
+
+
+@pytest.mark.parametrize("how", ["drain", "leaving the block"])
+async def test_a_drain_serves_connections_queued_behind_max_connections(
+    how: str,
+) -> None:
+    draining_at_start: list[bool] = []
+
+    async def handler(listener: ConnListener, conn: trio.abc.Stream, addr: Any) -> None:
+        draining_at_start.append(listener.draining)
+        await answer_until_draining(listener, conn, addr)
+
+    with trio.fail_after(10):
+        async with open_listener(
+            handler, address=LOCAL, flags=FREE, max_connections=1, drain_timeout=1
+        ) as listener:
+            holder = await open_stream_to(listener)
+            await holder.send_all(b"a")
+            assert await recv_exactly(holder, 1) == b"a"
+            # The cap is reached: this one waits in the kernel's queue.
+            queued = await open_stream_to(listener)
+            await queued.send_all(b"b")
+            await trio.testing.wait_all_tasks_blocked()
+            stats = listener.statistics()
+            assert (stats.active, stats.queue_depth) == (1, 1)
+            if how == "drain":
+                result = await listener.drain(1)
+        async with holder, queued:
+            # Served past the cap, with draining already set, not reset.
+            assert await recv_exactly(queued, 1) == b"b"
+            assert await queued.receive_some() == b""
+    assert draining_at_start == [False, True]
+    if how == "drain":
+        # The holder was told, and left when it next heard from its peer:
+        # it is still waiting, so the grace ends it.
+        assert (result.finished, result.failed, result.cancelled) == (1, 0, 1)
+
+
+async def test_a_drain_under_continuous_connects_resets_nothing_it_took() -> None:
+    # Clients keep connecting while the drain runs. Every connection whose
+    # connect() succeeded completed its handshake, so it must be served
+    # (answered), never reset: the drain takes the queue until accept()
+    # finds it empty and closes the socket in the same step.
+    connected: list[trio.SocketStream] = []
+    stop = trio.Event()
+
+    async def flood(port: int) -> None:
+        while not stop.is_set():
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                return  # refused: the socket is closed, which is no loss
+            connected.append(stream)
+            await stream.send_all(b"x")
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with open_listener(
+                answer_until_draining, address=LOCAL, flags=FREE | Flag.DISABLED
+            ) as listener:
+                # A queue longer than one accept batch, then more arriving.
+                for _ in range(100):
+                    connected.append(await open_stream_to(listener))
+                    await connected[-1].send_all(b"x")
+                for _ in range(4):
+                    nursery.start_soon(flood, listener.port)
+                await trio.sleep(0.05)
+                await listener.drain(5)
+            stop.set()
+        answered = reset = 0
+        for stream in connected:
+            async with stream:
+                try:
+                    answered += await recv_exactly(stream, 1) == b"x"
+                except trio.BrokenResourceError:
+                    reset += 1
+        assert (answered, reset) == (len(connected), 0)
+        assert answered > 100
+
+
+# ----------------------------------------------------------------------
+# drain() from inside a handler would wait for itself
+
+
+@pytest.mark.parametrize("where", ["handler", "task inside the handler"])
+@pytest.mark.parametrize("own_nursery", [True, False])
+async def test_drain_from_one_of_its_own_handlers_is_a_clear_error(
+    where: str, own_nursery: bool
+) -> None:
+    errors: list[BaseException] = []
+
+    async def call_drain(listener: ConnListener) -> None:
+        try:
+            await listener.drain(2)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    async def handler(listener: ConnListener, conn: trio.abc.Stream, addr: Any) -> None:
+        if where == "handler":
+            await call_drain(listener)
+        else:
+            async with trio.open_nursery() as inner:
+                inner.start_soon(call_drain, listener)
+        await conn.send_all(b"done")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            options: dict[str, Any] = {} if own_nursery else {"handler_nursery": outer}
+            async with (
+                open_listener(handler, address=LOCAL, flags=FREE, **options) as lst,
+                await open_stream_to(lst) as client,
+            ):
+                assert await recv_exactly(client, 4) == b"done"
+                assert not lst.draining  # it did not begin
+    [error] = errors
+    assert isinstance(error, RuntimeError)
+    assert "awaited from one of the listener's own handlers" in str(error)
+    assert "listener.nursery.start_soon(listener.drain)" in str(error)
+
+
+async def test_a_handler_may_start_a_drain_in_the_listeners_nursery() -> None:
+    # What the error message advises works: the drain runs in a task of the
+    # listener's nursery, and waits for the handler that started it.
+    async def handler(listener: ConnListener, conn: trio.abc.Stream, addr: Any) -> None:
+        listener.nursery.start_soon(listener.drain, 5)
+        await listener.wait_draining()
+        await conn.send_all(b"bye")
+
+    with trio.fail_after(10):
+        async with open_listener(handler, address=LOCAL, flags=FREE) as listener:
+            async with await open_stream_to(listener) as client:
+                assert await recv_exactly(client, 3) == b"bye"
+            await trio.testing.wait_all_tasks_blocked()
+            assert listener.closed

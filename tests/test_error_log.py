@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from tests.conftest import echo_handler, recv_exactly
-from trio_evlisten import ERROR_LOG_INTERVAL, open_listener
+from trio_evlisten import ERROR_LOG_INTERVAL, Flag, open_listener
 from trio_evlisten.testing import ScriptedSocket, open_stream_to
 
 
@@ -136,7 +136,7 @@ async def test_handler_errors_are_grouped_like_accept_errors(
     assert first.startswith("handler for ")
     assert first_exc is not None
     assert first_exc[0] is ValueError
-    # At t0 + 10, written by the accept task's timer, not by a new error.
+    # At t0 + 10, written by the log's own timer, not by a new error.
     assert summary.startswith(f"handlers of {lst.sockname!r} raised: ")
     assert "ValueError \u00d72, KeyError \u00d71 in 10.0 s" in summary
     assert "(last: ValueError(b'v') from " in summary
@@ -144,3 +144,39 @@ async def test_handler_errors_are_grouped_like_accept_errors(
     assert again_exc is not None
     assert again_exc[0] is KeyError
     assert trio.current_time() >= t0 + 26
+
+
+async def test_handler_error_summaries_come_after_the_block_with_handler_nursery(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The handlers outlive the block (they run in the caller's nursery), and
+    # no accept task or host task is left to flush their grouped log: the
+    # log's own timer writes the summary when it falls due.
+    go = trio.Event()
+
+    async def raises_later(listener: object, conn: object, addr: object) -> None:
+        await go.wait()
+        raise ValueError("late")
+
+    caplog.set_level(logging.ERROR, logger="trio_evlisten")
+    with trio.fail_after(100):
+        async with trio.open_nursery() as outer:
+            async with open_listener(
+                raises_later,
+                address=("127.0.0.1", 0),
+                flags=Flag.CLOSE_ON_FREE,
+                handler_nursery=outer,
+            ) as lst:
+                clients = [await open_stream_to(lst) for _ in range(3)]
+                await trio.testing.wait_all_tasks_blocked()
+            t0 = trio.current_time()
+            go.set()
+        await trio.sleep(ERROR_LOG_INTERVAL + 1)
+        for client in clients:
+            await client.aclose()
+    assert lst.statistics().handler_errors == 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith("handler for ")
+    assert "ValueError \u00d72 in 10.0 s" in messages[1]
+    assert trio.current_time() >= t0 + ERROR_LOG_INTERVAL

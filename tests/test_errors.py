@@ -55,6 +55,12 @@ RETRY_NAMES = (
     "EHOSTUNREACH",
     "EOPNOTSUPP",
     "ENETUNREACH",
+    # The rest of trio's per-connection list (_ignorable_accept_errno_names).
+    "ENOSR",
+    "ESOCKTNOSUPPORT",
+    "EPROTONOSUPPORT",
+    "ETIMEDOUT",
+    "ECONNRESET",
 )
 RESOURCE_NAMES = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
 FATAL_NAMES = ("EBADF", "EINVAL", "ENOTSOCK")
@@ -172,6 +178,23 @@ async def test_retry_errors_are_retried_at_once_silently(
         assert stats.backoff == 0.0
         assert not stats.paused_by_errors
     assert [r for r in caplog.records if r.name == "trio_evlisten"] == []
+
+
+@pytest.mark.parametrize("name", COUNTED_RETRY_NAMES)
+async def test_a_new_connections_failure_does_not_end_a_listener_without_error_cb(
+    name: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Every errno trio.SocketListener skips as one connection's failure is
+    # skipped here too, with no error callback to decide: the listener goes
+    # on and serves the next connection.
+    with trio.fail_after(10), ScriptedSocket([by_name(name)]) as ssock:
+        async with (
+            open_listener(echo_handler, sock=ssock) as listener,
+            await open_stream_to(listener) as client,
+        ):
+            await echo_once(client)
+            stats = listener.statistics()
+        assert (stats.retried, stats.errors, stats.accepted) == (1, 0, 1)
 
 
 async def test_eagain_ends_the_batch_without_a_pause(

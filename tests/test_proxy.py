@@ -905,3 +905,30 @@ def test_fuzz_reader_never_reads_past_the_header(
         pieces,
         clock=trio.testing.MockClock(autojump_threshold=0),
     )
+
+
+async def test_dropped_connections_are_summed_up_even_when_drops_stop(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The one grouped log: the first drop in full, then the count of the
+    # rest by reason when the interval is up, whether or not drops go on.
+    with trio.fail_after(60):
+        async with proxy_server() as (listener, _):
+            t0 = trio.current_time()
+            for _ in range(3):
+                await rejected(listener, b"nope\r\n")
+            await trio.sleep(4)
+            await rejected(listener, b"PROXY TCP4 1.2.3.4\r\n")
+            await trio.sleep(20)
+            assert listener.statistics().proxy_rejected == 4
+    warnings = [
+        (r.getMessage(), getattr(r, "proxy_rejected", None))
+        for r in caplog.records
+        if r.name == "trio_evlisten" and r.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 2
+    (first, one), (summary, three) = warnings
+    assert "dropped a connection from" in first
+    assert "dropped connections: bad header \u00d73 in 10.0 s" in summary
+    assert (one, three) == (1, 3)
+    assert trio.current_time() >= t0 + 24

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import socket
 from typing import TYPE_CHECKING, Any
@@ -11,8 +12,9 @@ import pytest
 import trio
 import trio.testing
 
+from tests.conftest import echo_handler
 from trio_evlisten import ConnListener, Flag, open_listener
-from trio_evlisten.testing import open_stream_to
+from trio_evlisten.testing import ScriptedSocket, open_stream_to
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -253,3 +255,35 @@ async def test_enable_from_a_thread_wakes_a_disabled_listener() -> None:
             await trio.to_thread.run_sync(listener.enable)
             addr, _ = await served.addrs.receive()
             assert addr == sockname_of(client)
+
+
+async def test_statistics_from_a_thread_agree_on_the_error_pause(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The pause after an accept() error ends at a time on Trio's clock, which
+    # another thread cannot read: the state forgets a pause once it is over,
+    # so both threads see the same thing.
+    emfile = OSError(errno.EMFILE, "Too many open files")
+
+    def disable_on_error(listener: ConnListener, error: OSError) -> None:
+        listener.disable()
+
+    with trio.fail_after(10), ScriptedSocket([emfile]) as sock:
+        async with (
+            open_listener(
+                None, sock=sock, flags=SAFE, error_cb=disable_on_error
+            ) as listener,
+            await open_stream_to(listener),
+        ):
+            listener.set_cb(echo_handler)
+            await trio.testing.wait_all_tasks_blocked()
+            here = listener.statistics()
+            there = await trio.to_thread.run_sync(listener.statistics)
+            assert here.paused_by_errors
+            assert there.paused_by_errors
+            await trio.sleep(1)  # the 10 ms pause is long over
+            here = listener.statistics()
+            there = await trio.to_thread.run_sync(listener.statistics)
+            assert (here.errors, here.enabled) == (1, False)
+            assert not here.paused_by_errors
+            assert not there.paused_by_errors

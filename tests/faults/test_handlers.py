@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from typing import Any
 
 import pytest
@@ -255,3 +256,32 @@ async def test_handler_nursery_already_closed_closes_the_accepted_socket() -> No
         assert lst.closed
         assert lst.statistics().active == 0
         assert count_fds() == base
+
+
+async def test_a_handler_that_closes_its_fd_ends_only_its_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # os.close() behind the socket object's back makes the listener's
+    # cleanup fail with EBADF: that must neither end the listener nor keep
+    # the handler's max_connections slot.
+    async def rude(listener: ConnListener, conn: Any, addr: Any) -> None:
+        if await conn.receive_some() == b"close":
+            os.close(conn.socket.fileno())
+            return
+        await conn.send_all(b"ok")
+
+    with trio.fail_after(10):
+        async with open_listener(
+            rude, address=LOCAL, flags=FREE, max_connections=1
+        ) as listener:
+            for _ in range(3):
+                async with await open_stream_to(listener) as client:
+                    await client.send_all(b"close")
+                    assert await client.receive_some() == b""
+                await trio.testing.wait_all_tasks_blocked()
+                assert listener.statistics().active == 0
+            async with await open_stream_to(listener) as client:
+                await client.send_all(b"hello")
+                assert await recv_exactly(client, 2) == b"ok"
+            assert not listener.closed
+            assert listener.statistics().handler_errors == 0
