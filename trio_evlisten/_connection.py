@@ -1,8 +1,8 @@
 """One connection's life, in its handler task: preamble, stream, callback, close.
 
-Owns, in order: the preamble (:meth:`Connections.open`: the PROXY header,
+Owns, in order: the preamble (:meth:`ConnectionRunner.open`: the PROXY header,
 then the TLS handshake), the object handed to the callback (a stream, or a
-blocking socket), the call and its supervision (:meth:`Connections.run`:
+blocking socket), the call and its supervision (:meth:`ConnectionRunner.run`:
 what an exception escaping the handler means, the grouped log of handler
 errors), and closing what the listener still owns afterwards; plus the
 counters of how connections ended.
