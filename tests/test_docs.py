@@ -709,6 +709,41 @@ def test_the_tutorial_shows_tls_and_a_broadcast() -> None:
         assert words in tutorial, words
 
 
+_RATIO = re.compile(r"(?<![\w.])\d+\.\d+x\b|about half|two thirds")
+
+
+def test_speed_ratios_are_only_on_the_benchmarks_page() -> None:
+    # Prose that repeats a measured ratio goes stale when the benchmark is
+    # rerun (the stream's cost once read "about half" here, "0.6x" there):
+    # it points at docs/benchmarks.md, which the benchmark regenerates.
+    package = DOCS.parent / "trio_evlisten"
+    texts = [DOCS.parent / "README.md", *pages(), *sorted(package.glob("*.py"))]
+    for path in texts:
+        if path.name == "benchmarks.md":
+            continue
+        for line in path.read_text().splitlines():
+            assert not _RATIO.search(line), f"{path.name}: {line.strip()}"
+
+
+def test_the_drain_steps_are_in_the_order_drain_takes_them() -> None:
+    tutorial = (DOCS / "tutorial.rst").read_text()
+    steps = tutorial[tutorial.index("**A drain.**") :]
+    steps = steps[: steps.index("It returns a")]
+    order = [
+        "it sets :attr:`~trio_evlisten.ConnListener.draining`",
+        "it accepts the connections the kernel had already queued",
+        "it stops accepting",
+        "it waits until ``grace`` seconds after the drain began",
+        "it cancels the handlers still running",
+    ]
+    found = [steps.find(step) for step in order]
+    assert -1 not in found, dict(zip(order, found, strict=True))
+    assert found == sorted(found)
+    contract = (DOCS / "contract.md").read_text()
+    lifetime = contract[contract.index("## Lifetime") :].split("\n- ")[1]
+    assert lifetime.index("queued") < lifetime.index("stops accepting")
+
+
 def test_the_tutorial_shows_testing_drain_and_limits() -> None:
     tutorial = (DOCS / "tutorial.rst").read_text()
     shown = {p.name for p in included_files(DOCS / "tutorial.rst")}
