@@ -133,8 +133,9 @@ class ListenerOptions(TypedDict, total=False):
             "the class of the stream each handler gets: "
             ":class:`trio_evlisten.SocketStream`, a "
             ":class:`trio.abc.HalfCloseableStream` with "
-            ":class:`trio.SocketStream`'s surface and semantics at about half "
-            "its CPU per call; or :class:`trio.SocketStream` itself, for code "
+            ":class:`trio.SocketStream`'s surface and semantics for less CPU "
+            "per call (figures on the docs' benchmarks page); or "
+            ":class:`trio.SocketStream` itself, for code "
             "that needs exactly that type. With ``ssl_context=`` the handler "
             "gets a :class:`trio.SSLStream` over it.",
         ),
