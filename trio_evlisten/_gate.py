@@ -33,8 +33,6 @@ State rules, all kept here and nowhere else:
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -175,55 +173,6 @@ class Gate:
             self.wake()
         else:
             self._run_on_trio_thread(self.wake)
-
-
-def check_accept_cb(cb: object) -> None:
-    """Refuse an accept callback that is not an async function (or None).
-
-    A plain function would be called (its side effects would happen) and
-    then fail per connection, since its result cannot be awaited.
-    """
-    if cb is None:
-        return
-    if not callable(cb):
-        raise TypeError(
-            "cb must be an async function, async def cb(listener, conn, addr, "
-            f"*args), or None; not {cb!r}"
-        )
-    if not _is_async(cb):
-        raise TypeError(
-            f"cb must be an async function, async def cb(listener, conn, addr, "
-            f"*args), since each connection's handler is awaited; {cb!r} is "
-            "not async"
-        )
-
-
-def check_error_cb(error_cb: object) -> None:
-    """Refuse an error callback that is async (or not callable, or None).
-
-    It is called in the accept task, synchronously, between two accepts: an
-    async one would only make a coroutine that never runs.
-    """
-    if error_cb is None:
-        return
-    if not callable(error_cb) or _is_async(error_cb):
-        raise TypeError(
-            "error_cb must be a plain function, def error_cb(listener, error, "
-            f"*args), called in the accept task between two accepts; not "
-            f"{error_cb!r}{' (an async function)' if callable(error_cb) else ''}"
-        )
-
-
-def _is_async(fn: object) -> bool:
-    """Whether calling ``fn`` makes a coroutine: async functions and methods,
-    ``functools.partial`` of them, and objects with an async ``__call__``."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    if inspect.iscoroutinefunction(fn):
-        return True
-    if inspect.isroutine(fn) or inspect.isclass(fn) or not callable(fn):
-        return False
-    return inspect.iscoroutinefunction(type(fn).__call__)
 
 
 def task_name(cb: object) -> str:

@@ -18,12 +18,17 @@ import trio
 
 from ._accept import Acceptor
 from ._backlog import accept_queue
-from ._checks import check_max_connections, check_seconds
+from ._checks import (
+    check_accept_cb,
+    check_error_cb,
+    check_max_connections,
+    check_seconds,
+)
 from ._connection import Connections
 from ._errors import GroupedLog
 from ._fd_budget import default_max_pending, warn_if_fd_limit_below
 from ._flags import Flag
-from ._gate import Gate, check_accept_cb, check_error_cb
+from ._gate import Gate
 from ._handlers import Handlers
 from ._options import ListenerOptions
 from ._proxy_gate import ProxyGate, trusted_networks
@@ -253,12 +258,14 @@ class ConnListener:
         with. ``cb=None`` stops accepting until a callback is set again.
 
         Raises:
-            TypeError: ``cb`` is neither callable nor ``None``.
+            TypeError: ``cb`` is not ``None`` nor an async function (a plain
+                function that returns a coroutine is refused too), or
+                cannot take ``(listener, conn, addr, *args)``.
             trio.ClosedResourceError: the listener is closed.
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        check_accept_cb(cb)
+        check_accept_cb(cb, args)
         self._gate.set_cb(cb, args)
 
     def set_error_cb(self, error_cb: ErrorCallback | None, *args: Any) -> None:
@@ -271,12 +278,13 @@ class ConnListener:
         then logged, or, for fatal ones, raised into the nursery.
 
         Raises:
-            TypeError: ``error_cb`` is neither callable nor ``None``.
+            TypeError: ``error_cb`` is not ``None`` nor a plain function, or
+                cannot take ``(listener, error, *args)``.
             trio.ClosedResourceError: the listener is closed.
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        check_error_cb(error_cb)
+        check_error_cb(error_cb, args)
         self._gate.set_error_cb(error_cb, args)
 
     def set_max_connections(self, max_connections: int | None) -> None:

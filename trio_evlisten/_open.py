@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._checks import check_accept_cb, check_error_cb
 from ._fd_budget import warn_if_fd_limit_below
 from ._flags import Flag, check_flags
-from ._gate import check_accept_cb, check_error_cb
 from ._listener import ConnListener
 from ._options import ListenerOptions, resolve
 from ._socket import make_listening_socket
@@ -75,7 +75,10 @@ async def open_listener(
 
     Raises:
         TypeError: neither or both of ``address`` and ``sock``; an argument
-            of the wrong type.
+            of the wrong type; a ``cb`` that is not an async function, or an
+            ``error_cb`` that is one, or either unable to take the arguments
+            it is called with (``*args`` for ``cb``; a plain function that
+            returns a coroutine counts as not async).
         ValueError: an argument with a bad value (each message names it).
         OSError: ``bind()``/``listen()`` failed (``EADDRINUSE``, ...).
         ExceptionGroup: what the listener's nursery raised: a fatal accept
@@ -108,7 +111,7 @@ async def open_listener(
         block raises, handlers are cancelled at once (Trio's nursery rule).
     """
     flags = check_flags(flags)
-    check_accept_cb(cb)
+    check_accept_cb(cb, args)
     check_error_cb(error_cb)
     resolved = resolve(options, flags)
     handler_nursery = resolved["handler_nursery"]
