@@ -328,9 +328,13 @@ async def serve_echo(options: EchoOptions, *, sock: SockArg | None = None) -> in
                     )
                 )
             except OSError as exc:
+                # An error binding the address names it already (_socket.py).
+                named = exc.strerror if address is not None else None
+                if named is not None and not named.startswith("cannot listen on"):
+                    named = None
                 print(
-                    f"{PROG} echo: error: cannot listen on {where}: "
-                    f"{exc.strerror or exc}",
+                    f"{PROG} echo: error: "
+                    + (named or f"cannot listen on {where}: {exc.strerror or exc}"),
                     file=sys.stderr,
                     flush=True,
                 )
