@@ -11,6 +11,7 @@ import fcntl
 import functools
 import os
 import pathlib
+import re
 import signal
 import socket
 import struct
@@ -205,28 +206,112 @@ async def test_unix_path_without_close_on_free_stays_open(
     with trio.fail_after(10):
         async with open_listener(echo_handler, address=path) as listener:
             await assert_echoes(listener, b"x")
+            # Taken: it outlives the block, and closing it is ours.
+            sock = listener.socket
         try:
             assert listener.closed
-            assert listener.socket.fileno() != -1
-            assert listener.fd == listener.socket.fileno()
+            assert sock.fileno() != -1
+            assert listener.fd == sock.fileno()
             assert path.is_socket()
             # Still listening: the kernel queues a new client.
-            assert listener.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
         finally:
-            listener.socket.close()
+            sock.close()
 
 
 async def test_ipv4_without_close_on_free_leaves_the_socket_open() -> None:
     with trio.fail_after(10):
         async with open_listener(echo_handler, address=("127.0.0.1", 0)) as listener:
             await assert_echoes(listener)
+            fd = listener.fd  # taken, as an fd: ours to close
         try:
             assert listener.closed
-            assert listener.socket.fileno() != -1
+            assert fd_is_open(fd)
             assert listener.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
             assert listener.socket.getsockname() == listener.sockname
         finally:
             listener.socket.close()
+
+
+# ----------------------------------------------------------------------
+# A socket left listening with nobody to accept is a ResourceWarning
+
+
+LEFT_LISTENING = (
+    r"^the listener on {} was opened without Flag\.CLOSE_ON_FREE, so the socket "
+    r"it bound still listens after the block, with nobody to accept: clients "
+    r"that connect now wait\. Pass Flag\.CLOSE_ON_FREE to close it with the "
+    r"listener, or take it inside the block \(listener\.socket or listener\.fd\) "
+    r"and close it yourself$"
+)
+
+
+async def test_a_bound_socket_never_taken_warns_when_the_block_ends() -> None:
+    with trio.fail_after(10):
+        with pytest.warns(ResourceWarning) as record:
+            async with open_listener(echo_handler, address=("127.0.0.1", 0)) as lst:
+                await assert_echoes(lst)
+        try:
+            [warning] = record
+            where = re.escape(f"127.0.0.1:{lst.port}")
+            assert re.match(LEFT_LISTENING.format(where), str(warning.message))
+            # It points at the caller's line, the async with above.
+            assert warning.filename == __file__
+            # And it is true: a client connects, and nobody accepts it.
+            async with await open_stream_to(lst) as client:
+                await client.send_all(b"anyone?")
+                with trio.move_on_after(0.05):
+                    await client.receive_some(1)
+                    pytest.fail("nobody should answer")  # pragma: no cover
+        finally:
+            lst.socket.close()
+
+
+async def test_a_bound_unix_socket_never_taken_warns_too(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "w.sock"
+    with trio.fail_after(10):
+        with pytest.warns(ResourceWarning) as record:
+            async with open_listener(echo_handler, address=path) as lst:
+                pass
+        lst.socket.close()
+    [warning] = record
+    assert re.match(
+        LEFT_LISTENING.format(re.escape(repr(str(path)))), str(warning.message)
+    )
+
+
+@pytest.mark.parametrize("take", ["socket", "fd"])
+async def test_a_socket_taken_in_the_block_does_not_warn(take: str) -> None:
+    # Warnings are errors in this suite: reaching the end is the test.
+    with trio.fail_after(10):
+        async with open_listener(echo_handler, address=("127.0.0.1", 0)) as lst:
+            getattr(lst, take)
+        assert lst.socket.fileno() != -1
+        lst.socket.close()
+
+
+async def test_nothing_left_listening_does_not_warn(
+    listening_socket: socket.socket,
+) -> None:
+    with trio.fail_after(10):
+        # CLOSE_ON_FREE closed it.
+        async with open_listener(
+            echo_handler, address=("127.0.0.1", 0), flags=Flag.CLOSE_ON_FREE
+        ):
+            pass
+        # A socket given in sock= was never ours.
+        async with open_listener(echo_handler, sock=listening_socket, backlog=0):
+            pass
+
+
+async def test_a_block_that_raises_does_not_warn_over_its_exception() -> None:
+    # A warning turned error (as here) would replace the block's exception.
+    with trio.fail_after(10), pytest.raises(KeyError):
+        async with open_listener(echo_handler, address=("127.0.0.1", 0)) as lst:
+            raise KeyError("the block's own")
+    lst.socket.close()
 
 
 # ----------------------------------------------------------------------

@@ -120,14 +120,20 @@ class ConnListener:
     def fd(self) -> int:
         """The listening socket's file descriptor (``evconnlistener_get_fd``).
 
-        ``-1`` once the socket is closed.
+        ``-1`` once the socket is closed. Reading it, like :attr:`socket`,
+        takes the socket: without ``CLOSE_ON_FREE`` it is then yours to close.
         """
-        return self._lsock.std.fileno()
+        return self._lsock.take_fd()
 
     @property
     def socket(self) -> trio.socket.SocketType:
-        """The listening socket, as a :mod:`trio.socket` object."""
-        return self._lsock.trio
+        """The listening socket, as a :mod:`trio.socket` object.
+
+        Reading it takes the socket: without ``CLOSE_ON_FREE`` it outlives
+        the listener and is yours to close (else leaving
+        :func:`open_listener`'s block warns that it still listens).
+        """
+        return self._lsock.take()
 
     @property
     def nursery(self) -> trio.Nursery:

@@ -105,7 +105,11 @@ async def open_listener(
         waits for running handlers (up to ``drain_timeout``). With
         ``handler_nursery=`` it only closes: the handlers are the nursery's. The
         listening socket is closed only with ``CLOSE_ON_FREE``; a Unix socket
-        path this function bound is then unlinked too. A socket passed as
+        path this function bound is then unlinked too. Without it, a socket
+        this function bound is the caller's: take it in the block
+        (``listener.socket`` or ``listener.fd``) to close it later, else
+        leaving the block warns (:exc:`ResourceWarning`) that it still
+        listens with nobody to accept. A socket passed as
         ``sock=`` is never closed on an error before the block starts. Each trio
         stream handed to a handler is closed when the handler returns. If the
         block raises, handlers are cancelled at once (Trio's nursery rule).
@@ -166,6 +170,7 @@ async def open_listener(
     except BaseExceptionGroup as group:
         error = _shape(group, listener._handlers.group, body_error)
     else:
+        lsock.warn_if_left_listening()
         return
     raise error
 

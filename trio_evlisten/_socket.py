@@ -17,6 +17,7 @@ import attrs
 import trio
 
 from ._backlog import check_backlog, listen
+from ._errors import warn_at_caller
 from ._flags import Flag
 from ._sockopts import (
     apply_listening_flags,
@@ -33,6 +34,8 @@ Address: TypeAlias = (
 )
 #: What ``sock=`` takes.
 SockArg: TypeAlias = "socket.socket | trio.socket.SocketType | int"
+#: A trio socket (spelled here: in :class:`ListeningSocket` ``trio`` is a field).
+TrioSocket: TypeAlias = trio.socket.SocketType
 
 
 @final
@@ -60,6 +63,48 @@ class ListeningSocket:
     backlog: int | None = None
     #: Set by :func:`hand_off`: a successor holds the socket, and its queue.
     handed_off: bool = False
+    #: We bound it (``address=``): the caller has it only if they take it.
+    bound_here: bool = False
+    #: The caller took it (``listener.socket`` or ``listener.fd``).
+    taken: bool = False
+
+    def take(self) -> TrioSocket:
+        """The socket, for the caller (``listener.socket``): now theirs to close."""
+        self.taken = True
+        return self.trio
+
+    def take_fd(self) -> int:
+        """The fd, for the caller (``listener.fd``): now theirs to close."""
+        self.taken = True
+        return self.std.fileno()
+
+    def warn_if_left_listening(self) -> None:
+        """A :exc:`ResourceWarning` if the socket we bound listens on unheld.
+
+        Without ``CLOSE_ON_FREE`` the socket outlives the listener (libevent's
+        rule); a socket the caller gave, or took, is theirs to close. One we
+        bound that they never took still listens, unaccepted: clients that
+        connect now wait in its queue, which looks like a hang.
+        """
+        if (
+            not self.bound_here
+            or self.taken
+            or self.handed_off
+            or self.closed_underfoot()
+        ):
+            return
+        name = self.std.getsockname()
+        where = _host_port(name[0], name[1]) if isinstance(name, tuple) else repr(name)
+        warn_at_caller(
+            ResourceWarning(
+                f"the listener on {where} was opened without Flag.CLOSE_ON_FREE, "
+                "so the socket it bound still listens after the block, with "
+                "nobody to accept: clients that connect now wait. Pass "
+                "Flag.CLOSE_ON_FREE to close it with the listener, or take it "
+                "inside the block (listener.socket or listener.fd) and close it "
+                "yourself"
+            )
+        )
 
     def closed_underfoot(self) -> bool:
         """Whether someone closed the socket behind the listener's back.
@@ -242,7 +287,10 @@ def _bind_inet(
         apply_listening_flags(std, flags)
         effective = listen(std, backlog)
         return ListeningSocket(
-            std, trio.socket.from_stdlib_socket(std), backlog=effective
+            std,
+            trio.socket.from_stdlib_socket(std),
+            backlog=effective,
+            bound_here=True,
         )
     except BaseException:
         std.close()
@@ -412,7 +460,9 @@ def _bind_unix(
             if unlink is not None:
                 _unlink_if_ours(unlink, std)
             raise
-        return ListeningSocket(std, trio_sock, unlink_path=unlink, backlog=effective)
+        return ListeningSocket(
+            std, trio_sock, unlink_path=unlink, backlog=effective, bound_here=True
+        )
     except BaseException:
         std.close()
         raise
