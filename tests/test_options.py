@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
+import ssl
 import typing
 from typing import Any
 
@@ -132,3 +134,107 @@ def test_both_command_lines_take_every_option_that_has_a_spelling() -> None:
         for name, option in OPTIONS.items():
             if option.cli is not None:
                 assert "--" + name.replace("_", "-") in flags, (parser.prog, name)
+
+
+# --- an option given where it cannot apply is refused -------------------------
+
+LOCAL = ("127.0.0.1", 0)
+FREE = trio_evlisten.Flag.CLOSE_ON_FREE
+BLOCKING = trio_evlisten.Flag.LEAVE_SOCKETS_BLOCKING
+
+
+async def refused(match: str, flags: trio_evlisten.Flag = FREE, **options: Any) -> None:
+    """open_listener refuses ``options`` with a ValueError matching ``match``."""
+    with pytest.raises(ValueError, match=match):
+        async with open_listener(None, address=LOCAL, flags=flags, **options):
+            pass  # pragma: no cover
+
+
+async def taken(flags: trio_evlisten.Flag = FREE, **options: Any) -> None:
+    async with open_listener(None, address=LOCAL, flags=flags, **options):
+        pass
+
+
+async def test_tls_handshake_timeout_without_ssl_context_is_refused(
+    server_ctx: ssl.SSLContext,
+) -> None:
+    await refused(
+        r"^tls_handshake_timeout= .* only happens with ssl_context=; give "
+        r"ssl_context= too",
+        tls_handshake_timeout=3,
+    )
+    # Given, the default's value is as much a mistake as any other.
+    await refused("tls_handshake_timeout=", tls_handshake_timeout=10.0)
+    await taken(ssl_context=server_ctx, tls_handshake_timeout=3)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("proxy_trusted", ["10.0.0.0/8"]), ("proxy_timeout", 2.0)]
+)
+async def test_proxy_options_without_proxy_protocol_are_refused(
+    name: str, value: Any
+) -> None:
+    match = rf"^{name}= .* only read with proxy_protocol=True; give proxy_protocol=True"
+    await refused(match, **{name: value})
+    await refused(match, proxy_protocol=False, **{name: value})
+    await taken(proxy_protocol=True, **{name: value})
+
+
+async def test_max_pending_without_a_preamble_is_refused(
+    server_ctx: ssl.SSLContext,
+) -> None:
+    await refused(
+        r"^max_pending= .* only with proxy_protocol=True or ssl_context=; give "
+        r"one of those.* use max_connections=",
+        max_pending=10,
+    )
+    await taken(max_pending=10, proxy_protocol=True)
+    await taken(max_pending=10, ssl_context=server_ctx)
+
+
+async def test_stream_with_leave_sockets_blocking_is_refused() -> None:
+    for stream in (trio.SocketStream, trio_evlisten.SocketStream):
+        await refused(
+            r"^stream= .* with Flag\.LEAVE_SOCKETS_BLOCKING they get a blocking "
+            r"socket\.socket instead; leave out stream= or the flag",
+            flags=FREE | BLOCKING,
+            stream=stream,
+        )
+    await taken(flags=FREE | BLOCKING)
+    await taken(stream=trio.SocketStream)
+
+
+def test_options_not_given_are_never_refused_for_not_applying() -> None:
+    # Every default goes with every flag: only what the caller gave is judged.
+    for flags in (trio_evlisten.Flag(0), BLOCKING):
+        resolve({}, flags)
+
+
+def test_a_value_check_comes_before_the_cannot_apply_check() -> None:
+    # A bad value is named as such, even where the option cannot apply.
+    with pytest.raises(ValueError, match="proxy_timeout must be >= 0"):
+        resolve({"proxy_timeout": -1.0}, trio_evlisten.Flag(0))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--proxy-timeout", "2"], "proxy_timeout= applies to the PROXY header"),
+        (["--max-pending", "9"], "max_pending= bounds the connections"),
+    ],
+)
+def test_the_workers_supervisor_refuses_them_before_starting_workers(
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trio_evlisten import workers
+
+    # main() configures the root logger, which is the process's, not this test's.
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
+    workers_main = workers.main
+    with pytest.raises(SystemExit) as info:
+        workers_main(["--port", "0", *args])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -74,7 +74,10 @@ async def open_listener(
 
     Raises:
         TypeError: neither or both of ``address`` and ``sock``; an argument
-            of the wrong type.
+            of the wrong type; a ``cb`` that is not an async function, or an
+            ``error_cb`` that is one, or either unable to take the arguments
+            it is called with (``*args`` for ``cb``; a plain function that
+            returns a coroutine counts as not async).
         ValueError: an argument with a bad value (each message names it).
         OSError: ``bind()``/``listen()`` failed (``EADDRINUSE``, ...).
         ExceptionGroup: what the listener's nursery raised: a fatal accept
@@ -104,13 +107,17 @@ async def open_listener(
         ``drain_timeout``, then cancels the rest). With
         ``handler_nursery=`` it only closes: the handlers are the nursery's. The
         listening socket is closed only with ``CLOSE_ON_FREE``; a Unix socket
-        path this function bound is then unlinked too. A socket passed as
+        path this function bound is then unlinked too. Without it, a socket
+        this function bound is the caller's: take it in the block
+        (``listener.socket`` or ``listener.fd``) to close it later, else
+        leaving the block warns (:exc:`ResourceWarning`) that it still
+        listens with nobody to accept. A socket passed as
         ``sock=`` is never closed on an error before the block starts. Each
         stream handed to a handler is closed when the handler returns. If the
         block raises, handlers are cancelled at once (Trio's nursery rule).
     """
     flags = check_flags(flags)
-    check_accept_cb(cb)
+    check_accept_cb(cb, args)
     check_error_cb(error_cb)
     resolved = resolve(options, flags)
     # Pending connections hold fds only where a preamble makes them pend.

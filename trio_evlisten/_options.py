@@ -280,10 +280,17 @@ def resolve(
 ) -> ListenerOptions:
     """Every option, checked, with the defaults filled in.
 
+    An option given (a key of ``given``, whatever its value, the default
+    too) where it cannot apply is refused rather than silently ignored:
+    ``tls_handshake_timeout`` without ``ssl_context``, ``proxy_trusted`` or
+    ``proxy_timeout`` without ``proxy_protocol=True``, ``max_pending``
+    without either, ``stream`` with ``Flag.LEAVE_SOCKETS_BLOCKING``.
+
     Raises:
         TypeError: an unknown option name, or a value of the wrong type.
-        ValueError: a bad value, or options that exclude each other (each
-            message names them).
+        ValueError: a bad value, options that exclude each other, or an
+            option given where it cannot apply (each message names them, and
+            what would make it apply).
     """
     unknown = given.keys() - OPTIONS.keys()
     if unknown:
@@ -308,4 +315,44 @@ def resolve(
             "ssl_context= hands handlers a trio.SSLStream, which "
             "Flag.LEAVE_SOCKETS_BLOCKING (plain blocking sockets) excludes"
         )
+    _refuse_what_cannot_apply(given, resolved, flags)
     return resolved
+
+
+def _refuse_what_cannot_apply(
+    given: Mapping[str, object], resolved: ListenerOptions, flags: Flag
+) -> None:
+    """Refuse an option given where nothing reads it.
+
+    "Given" is a key of ``given``, not a value that differs from the
+    default: ``tls_handshake_timeout=10`` without TLS is as much a mistake
+    (a forgotten ``ssl_context=``, most likely) as any other value.
+    """
+    tls = resolved["ssl_context"] is not None
+    proxy = resolved["proxy_protocol"]
+    if "tls_handshake_timeout" in given and not tls:
+        raise ValueError(
+            "tls_handshake_timeout= bounds the TLS handshake, which only "
+            "happens with ssl_context=; give ssl_context= too, or leave "
+            "tls_handshake_timeout= out"
+        )
+    for name in ("proxy_trusted", "proxy_timeout"):
+        if name in given and not proxy:
+            raise ValueError(
+                f"{name}= applies to the PROXY header, which is only read with "
+                f"proxy_protocol=True; give proxy_protocol=True too, or leave "
+                f"{name}= out"
+            )
+    if "max_pending" in given and not (tls or proxy):
+        raise ValueError(
+            "max_pending= bounds the connections in their PROXY header or TLS "
+            "handshake, which there are only with proxy_protocol=True or "
+            "ssl_context=; give one of those, or leave max_pending= out (to "
+            "bound running handlers, use max_connections=)"
+        )
+    if "stream" in given and flags & Flag.LEAVE_SOCKETS_BLOCKING:
+        raise ValueError(
+            "stream= is the class of the stream handlers get, but with "
+            "Flag.LEAVE_SOCKETS_BLOCKING they get a blocking socket.socket "
+            "instead; leave out stream= or the flag"
+        )

@@ -55,6 +55,7 @@ from ._cli import OneLineParser
 from ._flags import Flag
 from ._open import open_listener
 from ._option_flags import add_arguments, from_arguments, to_argv
+from ._options import resolve
 from ._supervisor import Supervisor, reserve_port
 
 if TYPE_CHECKING:
@@ -214,6 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = from_arguments(opts)
     if "proxy_trusted" in options and not options.get("proxy_protocol"):
         parser.error("--proxy-trusted needs --proxy-protocol")
+    try:
+        # What every worker's open_listener would refuse, refused once here
+        # (--proxy-timeout without --proxy-protocol, say), not in a crash loop.
+        resolve(options, Flag(0), caller="python -m trio_evlisten.workers")
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
     if opts.worker_of is not None:
         trio.run(
             functools.partial(
