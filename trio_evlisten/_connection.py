@@ -141,6 +141,9 @@ class ConnectionRunner:
                 logger.debug("TLS handshake with %r failed", addr, exc_info=True)
             else:
                 return True
+            finally:
+                # However it ended (done, failed, timed out, cancelled).
+                unlink_handshake(tls)
         with self._state.lock:
             self.tls_failures += 1
         return False
@@ -243,3 +246,27 @@ def close(conn: StdSocket) -> None:
         conn.close()
     except OSError:
         logger.debug("closing %r failed", conn, exc_info=True)
+
+
+def unlink_handshake(tls: trio.SSLStream[Any]) -> None:
+    """Break the reference cycle a ``trio.SSLStream`` is born in.
+
+    ``trio.SSLStream.__init__`` (trio/_ssl.py) keeps ``self._handshook =
+    _Once(self._do_handshake)``: the stream refers to itself through that bound
+    method, so the stream and all it holds (the ``SSLObject`` and OpenSSL's
+    buffers, the transport stream, the socket object) outlive the connection
+    until the cyclic GC finds them, and a connection that lived a while under
+    load is in the oldest generation, which a big heap collects rarely.
+    ``_Once`` calls the method only the first time it is awaited, so once the
+    handshake has begun the reference is dead weight: dropping it lets
+    reference counting free the stream as soon as its last user lets go.
+    Does nothing before the handshake began, or if trio's internals are not
+    what this expects.
+    """
+    once: Any = getattr(tls, "_handshook", None)
+    method = getattr(once, "_afn", None)
+    if getattr(once, "started", False) and getattr(method, "__self__", None) is tls:
+        # Never called again (started); deleting rather than replacing it
+        # means a trio that did call it again would fail loudly, not skip a
+        # handshake.
+        del once._afn
