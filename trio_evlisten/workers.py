@@ -23,7 +23,11 @@ The supervisor (the process you start) does no I/O on the port. It:
   exits with status 1 (a crash loop is a bug to fix, not to hide);
 * on SIGINT or SIGTERM sends SIGTERM to every worker, waits up to
   ``--shutdown-timeout`` seconds, SIGKILLs what is left, reaps them all and
-  exits with status 0. A second signal SIGKILLs at once.
+  exits with status 0. A second signal SIGKILLs at once. This holds from
+  the moment it has parsed its command line, also while workers are being
+  started (one then gets SIGTERM as soon as it exists). The workers run in
+  a session of their own, so a terminal's Ctrl-C reaches the supervisor
+  alone, which passes it on as SIGTERM.
 
 A worker on SIGTERM/SIGINT stops accepting, lets running handlers finish for
 ``--drain-timeout`` seconds, cancels the rest and exits 0. It also exits by
@@ -55,7 +59,7 @@ from ._cli import OneLineParser
 from ._flags import Flag
 from ._open import open_listener
 from ._option_flags import add_arguments, from_arguments, to_argv
-from ._supervisor import Supervisor, reserve_port
+from ._supervisor import Supervisor, hold_stop_signals, reserve_port
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -205,16 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s trio_evlisten.workers[%(process)d] %(levelname)s: "
         "%(message)s",
     )
-    if not 0 <= opts.port <= 0xFFFF:
-        parser.error(f"--port must be in 0..65535, not {opts.port}")
-    try:
-        handler = load_handler(opts.handler)
-    except (ImportError, ValueError) as exc:
-        parser.error(f"cannot load the handler {opts.handler!r}: {exc}")
-    options = from_arguments(opts)
-    if "proxy_trusted" in options and not options.get("proxy_protocol"):
-        parser.error("--proxy-trusted needs --proxy-protocol")
     if opts.worker_of is not None:
+        handler, options = _checked(parser, opts)
         trio.run(
             functools.partial(
                 run_worker,
@@ -226,12 +222,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         return 0
+    # From here a stop ends the supervisor cleanly, even before it started
+    # a worker (loading the handler's module may take a while).
+    with hold_stop_signals() as held:
+        return _supervise(parser, opts, held)
+
+
+def _checked(
+    parser: argparse.ArgumentParser, opts: argparse.Namespace
+) -> tuple[AcceptCallback, dict[str, Any]]:
+    """The handler and the listener options, or a usage error (exit 2)."""
+    if not 0 <= opts.port <= 0xFFFF:
+        parser.error(f"--port must be in 0..65535, not {opts.port}")
+    try:
+        handler = load_handler(opts.handler)
+    except (ImportError, ValueError) as exc:
+        parser.error(f"cannot load the handler {opts.handler!r}: {exc}")
+    options = from_arguments(opts)
+    if "proxy_trusted" in options and not options.get("proxy_protocol"):
+        parser.error("--proxy-trusted needs --proxy-protocol")
+    return handler, options
+
+
+def _supervise(
+    parser: argparse.ArgumentParser, opts: argparse.Namespace, held: list[int]
+) -> int:
+    _, options = _checked(parser, opts)
     if opts.workers < 1:
         parser.error(f"--workers must be >= 1, not {opts.workers}")
     if opts.max_restarts < 0 or opts.restart_window <= 0:
         parser.error("--max-restarts must be >= 0 and --restart-window > 0")
-    with reserve_port(opts.host, opts.port) as held:
-        port = held.getsockname()[1]
+    with reserve_port(opts.host, opts.port) as held_port:
+        port = held_port.getsockname()[1]
         command = [
             sys.executable,
             "-m",
@@ -259,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             opts.max_restarts,
             opts.restart_window,
             opts.shutdown_timeout,
+            held_signals=held,
         )
         status = trio.run(supervisor.run)
     logger.info("supervisor pid %d: exiting with status %d", os.getpid(), status)
