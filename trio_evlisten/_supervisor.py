@@ -147,6 +147,8 @@ class Supervisor:
     def kill(self) -> None:
         """SIGKILL every worker now, and each one still being started."""
         self.stop()
+        if self._killing:
+            return
         self._killing = True
         for proc in self._procs.values():
             if proc.returncode is None:
