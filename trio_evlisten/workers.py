@@ -166,11 +166,21 @@ async def _watch_parent(supervisor_pid: int, scope: trio.CancelScope) -> None:
 # Command line
 
 
+_EPILOG: Final = """\
+exit status: 0 after SIGINT or SIGTERM (every worker stopped and reaped),
+1 if workers kept dying (more than --max-restarts restarts within
+--restart-window seconds), 2 for bad arguments.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m trio_evlisten.workers",
         description="Serve an accept callback in N processes sharing a port "
-        "(SO_REUSEPORT), restarting workers that die.",
+        "(SO_REUSEPORT),\nrestarting workers that die. SIGINT or SIGTERM "
+        "stops them all.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "handler",
@@ -179,22 +189,44 @@ def _parser() -> argparse.ArgumentParser:
         help="MODULE:FUNC, an async def cb(listener, conn, addr) "
         f"(default: {DEFAULT_HANDLER})",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)"
+    )
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="default: CPU count"
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="worker processes (default: the CPU count)",
     )
-    parser.add_argument("--max-restarts", type=int, default=10, help="default: 10")
     parser.add_argument(
-        "--restart-window", type=float, default=60.0, help="default: 60 s"
+        "--max-restarts",
+        type=int,
+        default=10,
+        metavar="N",
+        help="stop everything and exit 1 when workers would be restarted more "
+        "than this many times within --restart-window (default: 10)",
     )
     parser.add_argument(
-        "--shutdown-timeout", type=float, default=10.0, help="default: 10 s"
+        "--restart-window",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="the window --max-restarts counts restarts in (default: 60.0)",
     )
-    add_arguments(parser)  # every listener option with a command-line spelling
-    # A worker that does not finish its handlers soon is SIGKILLed by the
-    # supervisor (--shutdown-timeout) anyway: drain for less than that.
-    parser.set_defaults(drain_timeout=DEFAULT_DRAIN_TIMEOUT)
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="after a stop, SIGKILL the workers still there after this many "
+        "seconds (default: 10.0)",
+    )
+    # Every listener option with a command-line spelling. A worker that does
+    # not finish its handlers soon is SIGKILLed by the supervisor
+    # (--shutdown-timeout) anyway: drain for less than that.
+    add_arguments(parser, defaults={"drain_timeout": DEFAULT_DRAIN_TIMEOUT})
     # Internal: how the supervisor starts a worker (the supervisor's pid).
     parser.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
     return parser
