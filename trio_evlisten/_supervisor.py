@@ -57,6 +57,7 @@ def hold_stop_signals() -> Iterator[list[int]]:
         if held:
             signal.signal(signum, _python_default(signum))
             signal.raise_signal(signum)
+            return
         held.append(signum)
 
     previous = {signum: signal.signal(signum, hold) for signum in STOP_SIGNALS}
