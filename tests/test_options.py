@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import logging
+import operator
+import os
+import re
 import ssl
+import subprocess
+import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -238,3 +245,122 @@ def test_the_workers_supervisor_refuses_them_before_starting_workers(
         workers_main(["--port", "0", *args])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Each command line: how to run it, the arguments it needs, its parser, and
+#: the options whose absence is no option value (what --help says instead).
+COMMAND_LINES = {
+    "echo": (["trio_evlisten", "echo"], [], {"drain_timeout": "no drain"}),
+    "workers": (["trio_evlisten.workers"], ["--port", "0"], {}),
+}
+
+
+def _parser_of(name: str) -> argparse.ArgumentParser:
+    from trio_evlisten._cli import build_parser
+    from trio_evlisten.workers import _parser as workers_parser
+
+    if name == "workers":
+        return workers_parser()
+    [commands] = [
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ]
+    parser: argparse.ArgumentParser = commands.choices["echo"]
+    return parser
+
+
+def stated_defaults(help_text: str) -> dict[str, str]:
+    """``{"--drain-timeout": "5.0", ...}``: the "(default: ...)" of each
+    argument in ``--help`` (the usage and the epilog left out)."""
+    entries: list[str] = []
+    in_section = False
+    for line in help_text.splitlines():
+        if line in ("options:", "positional arguments:"):
+            in_section = True
+        elif not line.strip():
+            in_section = False
+        elif in_section and re.match(r"  \S", line):
+            entries.append(line)
+        elif in_section and entries:
+            entries[-1] += " " + line
+    stated = {}
+    for entry in entries:
+        text = " ".join(entry.split())
+        match = re.search(r"\(default: (.*)\)$", text)
+        if match:
+            stated[text.split()[0]] = match[1]
+    return stated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(COMMAND_LINES))
+def test_help_states_the_defaults_the_command_line_parses(name: str) -> None:
+    command, needed, unset = COMMAND_LINES[name]
+    result = subprocess.run(
+        [sys.executable, "-m", *command, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+        cwd=ROOT,
+        env=dict(os.environ, COLUMNS="80"),
+    )
+    # It speaks of the command line, not of Python: no keyword argument
+    # (ssl_context=, which no flag sets), no "with" block to leave.
+    assert not re.search(r"\b[a-z_]+=", result.stdout), result.stdout
+    assert "the block" not in result.stdout
+    stated = stated_defaults(result.stdout)
+    parser = _parser_of(name)
+    parsed = vars(parser.parse_args(needed))
+    checked = 0
+    for option_name, option in OPTIONS.items():
+        cli = option.cli
+        if cli is None:
+            continue
+        flag = "--" + option_name.replace("_", "-")
+        assert flag in stated, f"{name} --help states no default for {flag}"
+        if option_name in unset:
+            # Left out, the option is not passed on; --help says what that does.
+            assert option_name not in parsed
+            assert stated[flag].startswith(unset[option_name]), stated[flag]
+            continue
+        # What the listener gets when the flag is left out...
+        actual = parsed.get(option_name, option.default)
+        # ... is what the stated default gives when typed.
+        if cli.metavar is None:
+            assert stated[flag] == "off"
+            assert actual is False
+            continue
+        typed = stated[flag].split(", ") if cli.repeat else [stated[flag]]
+        argv = [arg for value in typed for arg in (flag, value)]
+        given = vars(parser.parse_args([*needed, *argv]))[option_name]
+        assert option.check(given, option_name) == option.check(actual, option_name), (
+            name,
+            flag,
+            stated[flag],
+            actual,
+        )
+        checked += 1
+    assert checked >= 5
+    # The command line's own arguments.
+    own = 0
+    for action in parser._actions:
+        flag = (action.option_strings or [action.dest])[-1]
+        if flag not in stated or action.dest in OPTIONS:
+            continue
+        convert: Any = action.type or str
+        if flag == "--workers":
+            assert stated[flag] == "the CPU count"
+            assert action.default == (os.cpu_count() or 1)
+        elif action.nargs == "*":  # --flags: the names, OR-ed
+            names = [convert(text) for text in stated[flag].split()]
+            assert functools.reduce(operator.or_, names) == functools.reduce(
+                operator.or_, action.default
+            )
+        else:
+            assert convert(stated[flag]) == action.default, flag
+        own += 1
+    assert own >= 4

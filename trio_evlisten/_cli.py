@@ -212,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="listen() backlog; -1 is the OS maximum (default: -1)",
     )
     # Every listener option with a command-line spelling (see _options).
-    add_arguments(echo_parser)
+    # Without --drain-timeout a stop cuts the connections, so that the
+    # summary's "active" says how many it cut.
+    add_arguments(
+        echo_parser,
+        unset={"drain_timeout": "no drain: a stop cancels running handlers at once"},
+    )
     return parser
 
 

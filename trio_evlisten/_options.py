@@ -56,12 +56,18 @@ class Cli:
 
     ``parse`` turns the text into the value the option's check then takes;
     ``metavar=None`` makes a flag without a value (``store_true``);
-    ``repeat`` collects every use into a list.
+    ``repeat`` collects every use into a list. ``help`` is the ``--help``
+    text where the reference's would mislead on a command line (it speaks of
+    Python: other arguments such as ``ssl_context=``, methods, leaving the
+    ``async with`` block); ``shown`` is how ``--help`` states a default that
+    is no value one types (``None`` of a repeated option).
     """
 
     metavar: str | None
     parse: Callable[[str], object] = str
     repeat: bool = False
+    help: str | None = None
+    shown: str | None = None
 
 
 @attrs.frozen
@@ -95,7 +101,14 @@ class ListenerOptions(TypedDict, total=False):
             ":meth:`~ConnListener.set_max_connections`. A "
             ":class:`ResourceLimitWarning` says when ``RLIMIT_NOFILE`` is "
             "below it plus a reserve of 64.",
-            Cli("N", int_or_none),
+            Cli(
+                "N",
+                int_or_none,
+                help="at this many running handlers, stop accepting until one "
+                "finishes (connections wait in the kernel's backlog); none: no "
+                "limit. A warning says when RLIMIT_NOFILE is below it plus a "
+                "reserve of 64.",
+            ),
         ),
     ]
     max_pending: Annotated[
@@ -111,7 +124,16 @@ class ListenerOptions(TypedDict, total=False):
             "starve honest clients of handlers. ``None``: what the file "
             "descriptors allow, ``RLIMIT_NOFILE`` minus ``max_connections`` "
             "minus a reserve of 64 (at least 64).",
-            Cli("N", int_or_none),
+            Cli(
+                "N",
+                int_or_none,
+                help="with --proxy-protocol: at this many connections accepted "
+                "but not yet handed to a handler (still sending their PROXY "
+                "header, or waiting for a slot of --max-connections), stop "
+                "accepting until one is; none: what the file descriptors "
+                "allow, RLIMIT_NOFILE minus --max-connections minus a reserve "
+                "of 64 (at least 64).",
+            ),
         ),
     ]
     drain_timeout: Annotated[
@@ -122,7 +144,14 @@ class ListenerOptions(TypedDict, total=False):
             "on leaving the block, drain as :meth:`~ConnListener.drain` does: "
             "set ``listener.draining``, wait this many seconds for running "
             "handlers, then cancel them (``None``: wait for all).",
-            Cli("SECONDS", float_or_none),
+            Cli(
+                "SECONDS",
+                float_or_none,
+                help="on SIGINT or SIGTERM, drain before stopping: stop "
+                "accepting, serve the connections the kernel had queued, wait "
+                "this many seconds for running handlers, then cancel them "
+                "(none: wait for all).",
+            ),
         ),
     ]
     stream: Annotated[
@@ -192,7 +221,14 @@ class ListenerOptions(TypedDict, total=False):
             "a bad, truncated or slow header, drops the connection without "
             "calling the handler (counted in ``statistics().proxy_rejected``; "
             "at most one WARNING per 10 s).",
-            Cli(None),
+            Cli(
+                None,
+                help="every connection starts with a PROXY protocol v1 or v2 "
+                "header (as HAProxy and nginx send it); the handler's addr is "
+                "then the original client's. A peer outside --proxy-trusted, "
+                "or a bad, truncated or slow header, drops the connection "
+                "without calling the handler (at most one WARNING per 10 s).",
+            ),
         ),
     ]
     proxy_trusted: Annotated[
@@ -203,7 +239,13 @@ class ListenerOptions(TypedDict, total=False):
             'the networks (``"10.0.0.0/8"``, ``"::1"``, :mod:`ipaddress` '
             "networks) that may send a header; ``None`` means loopback only "
             "(``127.0.0.0/8``, ``::1``). Unix-socket peers are always trusted.",
-            Cli("NETWORK", repeat=True),
+            Cli(
+                "NETWORK",
+                repeat=True,
+                help="with --proxy-protocol: a network (10.0.0.0/8, ::1) that "
+                "may send a PROXY header; repeat it for several.",
+                shown="127.0.0.0/8, ::1",
+            ),
         ),
     ]
     proxy_timeout: Annotated[
@@ -228,7 +270,13 @@ class ListenerOptions(TypedDict, total=False):
             "per connection). Applies to TCP sockets open_listener binds; with "
             "``sock=`` only when given, so a socket set up by systemd keeps its "
             "``KeepAlive=``; for a Unix socket it is an error. ``None``: off.",
-            Cli("SECONDS", int_or_none),
+            Cli(
+                "SECONDS",
+                int_or_none,
+                help="TCP keep-alive, as libevent 2.2 sets it: a connection "
+                "idle this many seconds is probed every third of that, and "
+                "dropped after 3 unanswered probes; none: off.",
+            ),
         ),
     ]
     unix_mode: Annotated[
