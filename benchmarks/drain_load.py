@@ -90,6 +90,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from typing import IO, TYPE_CHECKING, Any, Final
 
 import attrs
@@ -619,6 +620,8 @@ def fork_clients(
                 with os.fdopen(write, "wb") as f:
                     f.write(json.dumps(attrs.asdict(load.share)).encode())
                 status = 0
+            except BaseException:
+                traceback.print_exc()
             finally:
                 os._exit(status)
         os.close(write)
@@ -843,8 +846,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not 0.1 <= ns.load <= 30:
         p.error(f"--load must be 0.1..30 seconds, not {ns.load}")
-    if not 1 <= ns.sources <= 254 * 256 * 200:
-        p.error(f"--sources must be 1..{254 * 256 * 200}, not {ns.sources}")
+    if not ns.client_procs <= ns.sources <= 254 * 256 * 200:
+        p.error(
+            f"--sources must be {ns.client_procs}..{254 * 256 * 200} (at least one "
+            f"per client process), not {ns.sources}"
+        )
     if ns.pin:
         os.sched_setaffinity(0, {1})
     sources = source_addresses(ns.sources)
