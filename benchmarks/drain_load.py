@@ -248,7 +248,9 @@ def _serve_reference() -> None:
                 if accepted_since < 0:
                     queued = accept_queue_depth(lsock)
                     accepted_since = take(float("inf"))
-                    ep.unregister(lsock.fileno())
+                    # At once: no system call between the accept() that found
+                    # the queue empty and this close (closing the only fd on
+                    # the socket also takes it out of the epoll set).
                     lsock.close()
                     deadline = time.monotonic() + DRAIN_TIMEOUT
                 wake_r.recv(64)
