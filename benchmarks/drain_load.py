@@ -773,6 +773,13 @@ def summary(kind: str, runs: list[Run], clients: int) -> tuple[str, dict[str, An
         f"served after SIGTERM median {statistics.median(served):g}; "
         f"refused median {statistics.median(refused):g}"
     )
+    empty = [r for r in runs if r.server_report.get("queued") == 0]
+    if empty:
+        # Such a run drained nothing: it says nothing of the drain's sweep.
+        line += (
+            f"; the server found its queue empty at SIGTERM in {len(empty)} "
+            f"of {len(runs)} runs"
+        )
     data = {
         "lost_median": statistics.median(lost),
         "lost_min": min(lost),
