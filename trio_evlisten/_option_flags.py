@@ -102,4 +102,5 @@ def _plain(doc: str) -> str:
     """Reference text without reST markup, for ``--help``."""
     for markup in (":meth:", ":class:", ":func:", ":mod:", "``", "~"):
         doc = doc.replace(markup, "")
-    return doc.replace("`", "")
+    # argparse %-formats help text: a literal percent sign must be doubled.
+    return doc.replace("`", "").replace("%", "%%")
