@@ -150,7 +150,7 @@ async def test_agent_port_follows_the_listener_through_each_state() -> None:
                 assert await ask(port) == "drain stopped#closed"
                 handler.release.set()
     # Gone with the listener.
-    with pytest.raises(OSError, match="failed|refused"):
+    with pytest.raises(OSError, match=r"failed|refused"):
         await trio.open_tcp_stream("127.0.0.1", port)
 
 

@@ -51,6 +51,11 @@ class Supervisor:
     _kill_now: trio.Event = attrs.field(factory=trio.Event, init=False)
     _failed: bool = attrs.field(default=False, init=False)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the workers are being stopped (a signal, or a crash loop)."""
+        return self._stop.is_set()
+
     async def run(self) -> int:
         """Supervise until a signal (returns 0) or a crash loop (returns 1)."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from ._agent import AgentServer, AgentSnapshot
 from ._cli import OneLineParser
 from ._flags import Flag
 from ._open import open_listener
@@ -162,6 +163,40 @@ async def _watch_parent(supervisor_pid: int, scope: trio.CancelScope) -> None:
 # Command line
 
 
+def _set_snapshot(supervisor: Supervisor) -> AgentSnapshot:
+    """The set of workers as the agent check sees it: serving, or stopping.
+
+    The supervisor answers for the set: HAProxy sees one server (one address,
+    one ``agent-port``), which stays up while a worker restarts, and only the
+    supervisor knows that the whole set is stopping. Workers binding the
+    agent port with ``SO_REUSEPORT`` instead would give each check a random
+    worker's answer. It has no view of the workers' load, so the weight is
+    100% while serving.
+    """
+    stopping = supervisor.stopping
+    return AgentSnapshot(
+        closed=False,
+        accepting=not stopping,
+        lameduck=stopping,
+        draining=False,
+        active=0,
+        pending=0,
+        max_connections=None,
+    )
+
+
+async def _supervise(supervisor: Supervisor, agent: AgentServer | None) -> int:
+    """Run the supervisor, and the set's agent port beside it while it runs."""
+    if agent is None:
+        return await supervisor.run()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.serve)
+        logger.info("agent check answered on port %d", agent.port)
+        status = await supervisor.run()
+        agent.stop()
+    return status
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m trio_evlisten.workers",
@@ -212,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ImportError, ValueError) as exc:
         parser.error(f"cannot load the handler {opts.handler!r}: {exc}")
     options = from_arguments(opts)
+    # The supervisor answers the agent check for the set (see _supervise).
+    agent_port = options.pop("agent_port", None)
     if "proxy_trusted" in options and not options.get("proxy_protocol"):
         parser.error("--proxy-trusted needs --proxy-protocol")
     if opts.worker_of is not None:
@@ -230,6 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--workers must be >= 1, not {opts.workers}")
     if opts.max_restarts < 0 or opts.restart_window <= 0:
         parser.error("--max-restarts must be >= 0 and --restart-window > 0")
+    agent = None
+    if agent_port is not None:
+        agent = AgentServer(lambda: _set_snapshot(supervisor))
+        try:
+            agent.bind(opts.host, agent_port)
+        except OSError as exc:
+            logger.error("%s", exc)
+            return 1
     with reserve_port(opts.host, opts.port) as held:
         port = held.getsockname()[1]
         command = [
@@ -258,9 +303,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             opts.workers,
             opts.max_restarts,
             opts.restart_window,
-            opts.shutdown_timeout,
+            # Each worker spends up to --lameduck accepting before it drains.
+            opts.shutdown_timeout + options.get("lameduck", 0.0),
         )
-        status = trio.run(supervisor.run)
+        try:
+            status = trio.run(_supervise, supervisor, agent)
+        finally:
+            if agent is not None:
+                agent.close()
     logger.info("supervisor pid %d: exiting with status %d", os.getpid(), status)
     return status
 
