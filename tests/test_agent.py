@@ -7,6 +7,8 @@ lame duck's timing is checked on Trio's mock clock.
 
 from __future__ import annotations
 
+import re
+import signal
 import socket
 from typing import Any
 
@@ -338,3 +340,37 @@ async def test_handler_keeps_serving_during_the_lame_duck(
     assert result.finished == 1
     assert seen[1] == (t0 + 4, True, True)
     assert seen[0][1:] == (False, False)
+
+
+# ----------------------------------------------------------------------
+# The workers: the supervisor answers for the set
+
+
+@pytest.mark.slow
+async def test_workers_supervisor_answers_for_the_set_and_sigterm_lames() -> None:
+    from tests.test_workers import ask_pid, started, supervisor
+
+    with trio.fail_after(40):
+        async with supervisor(
+            "--workers", "2", "--port", "0", "--agent-port", "0",
+            "--lameduck", "1.5", "--drain-timeout", "1",
+            "tests.workers_app:pid_echo",
+        ) as (proc, log):  # fmt: skip
+            port, pids = await started(log, 2)
+            agent = next(
+                int(m[1])
+                for line in log.lines
+                if (m := re.search(r"agent check answered on port (\d+)", line))
+            )
+            assert await ask(agent) == "up ready 100%"
+            proc.send_signal(signal.SIGTERM)
+            while (reply := await ask(agent)) != "drain":
+                assert reply == "up ready 100%"
+                await trio.sleep(0.02)
+            # The lame duck: the workers still serve while the agent says drain.
+            assert await ask_pid(port) in pids
+            assert await ask(agent) == "drain"
+            assert await proc.wait() == 0
+        # The workers' own listeners did not bind the agent port: only one
+        # process could have, and the log says nothing failed.
+        assert not [line for line in log.lines if "ERROR" in line or "died" in line]
