@@ -38,6 +38,7 @@ from ._flags import Flag
 from ._host import HandlerHost, task_name
 from ._outcome import shape
 from ._proxy_reader import ProxyReader, trusted_networks
+from ._recorder import ConnectionRecorder
 from ._state import ListenerState
 from ._stats import DrainResult, ListenerStatistics
 
@@ -612,6 +613,18 @@ def open_agent(sockname: Any, port: int, state: ListenerState) -> AgentServer:
     agent = AgentServer(lambda: snapshot_of(state))
     agent.bind(sockname[0], port)
     return agent
+
+
+def record_connections(listener: ConnListener) -> ConnectionRecorder:
+    """Make ``listener`` record connection durations; return where (once made, kept).
+
+    For :mod:`trio_evlisten.metrics`: until it is called, a listener's
+    connections record nothing.
+    """
+    runner = listener._runner
+    if runner.recorder is None:
+        runner.recorder = ConnectionRecorder()
+    return runner.recorder
 
 
 async def wait_closed(listener: ConnListener) -> None:
