@@ -8,6 +8,7 @@ would read.
 from __future__ import annotations
 
 import contextlib
+import signal
 import ssl
 from typing import Any
 
@@ -214,3 +215,58 @@ async def test_unix_socket_labels(tmp_path: Any) -> None:
         "server_address": path,
         "server_port": "",
     }
+
+
+# ----------------------------------------------------------------------
+# The workers: one scrape for the set, a series per worker
+
+
+async def http_get(port: int, path: str) -> str:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as conn:
+        await conn.send_all(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        data = b""
+        while chunk := await conn.receive_some():
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return body.decode()
+
+
+@pytest.mark.slow
+async def test_workers_metrics_one_scrape_a_series_per_worker() -> None:
+    from tests.test_workers import ask_pid, started, supervisor
+
+    with trio.fail_after(40):
+        async with supervisor(
+            "--workers", "2", "--port", "0", "--metrics-port", "0",
+            "tests.workers_app:pid_echo",
+        ) as (proc, log):  # fmt: skip
+            port, _ = await started(log, 2)
+            metrics_port = next(
+                int(line.rsplit(" ", 1)[1])
+                for line in log.lines
+                if "metrics served on port" in line
+            )
+            for _ in range(20):
+                await ask_pid(port)
+            # Each worker writes its metrics every half second: wait for
+            # both to have written all 20 connections (bounded by fail_after).
+            while True:
+                text = await http_get(metrics_port, "/metrics")
+                families = {f.name: f for f in text_string_to_metric_families(text)}
+                accepted = families.get("trio_evlisten_accepted_connections")
+                by_worker = {
+                    s.labels["worker"]: s.value
+                    for s in (accepted.samples if accepted else [])
+                }
+                if sum(by_worker.values()) >= 20 and len(by_worker) == 2:
+                    break
+                await trio.sleep(0.2)
+            assert set(by_worker) == {"0", "1"}
+            assert sum(by_worker.values()) == 20
+            # Every family has the worker label on every series.
+            for family in families.values():
+                for sample in family.samples:
+                    assert sample.labels["worker"] in {"0", "1"}
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0

@@ -51,6 +51,10 @@ class Supervisor:
     _kill_now: trio.Event = attrs.field(factory=trio.Event, init=False)
     _failed: bool = attrs.field(default=False, init=False)
 
+    def worker_pids(self) -> dict[int, int]:
+        """The pid running in each slot now (any thread may call it)."""
+        return {slot: proc.pid for slot, proc in list(self._procs.items())}
+
     @property
     def stopping(self) -> bool:
         """Whether the workers are being stopped (a signal, or a crash loop)."""

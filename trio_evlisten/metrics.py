@@ -34,9 +34,13 @@ reads :meth:`ConnListener.statistics` and copies the histograms.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from typing import TYPE_CHECKING, Final
 
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -44,17 +48,24 @@ from prometheus_client.core import (
     Metric,
     StateSetMetricFamily,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ._listener import ConnListener, record_connections
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator, Mapping
 
     from ._recorder import ConnectionRecorder, Histogram
     from ._stats import ListenerStatistics
 
-__all__ = ["PREFIX", "STATES", "ListenerCollector"]
+__all__ = [
+    "PREFIX",
+    "STATES",
+    "ListenerCollector",
+    "WorkerSetCollector",
+    "write_worker_metrics",
+]
 
 PREFIX: Final = "trio_evlisten_"
 #: The values of ``trio_evlisten_listener_state``'s ``state`` label.
@@ -238,3 +249,74 @@ def _observe(family: HistogramMetricFamily, labels: list[str], h: Histogram) -> 
 def _le(bound: float) -> str:
     # prometheus_client's own formatting of a bucket bound ("0.01", "1.0").
     return repr(float(bound))
+
+
+# ----------------------------------------------------------------------
+# The workers: one scrape for the set
+
+#: How often a worker writes its metrics for the supervisor to serve.
+WORKER_WRITE_INTERVAL: Final = 0.5
+
+
+async def write_worker_metrics(
+    listener: ConnListener, path: str, interval: float = WORKER_WRITE_INTERVAL
+) -> None:
+    """Write ``listener``'s metrics to ``path`` every ``interval`` s, until cancelled.
+
+    A worker's half of :class:`WorkerSetCollector`: the text exposition,
+    replaced atomically (written beside it, then renamed), so a reader never
+    sees half a file.
+
+    Resource handling:
+        The file is removed when this ends.
+    """
+    registry = CollectorRegistry()
+    registry.register(ListenerCollector(listener))
+    try:
+        while True:
+            text = generate_latest(registry)
+            with open(path + ".tmp", "wb") as f:  # noqa: ASYNC230 (a local file)
+                f.write(text)
+            os.replace(path + ".tmp", path)
+            await trio.sleep(interval)
+    finally:
+        for name in (path, path + ".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+
+
+class WorkerSetCollector(Collector):
+    """The workers' metrics as one scrape, each series labelled ``worker``.
+
+    Reads the files the workers write (:func:`write_worker_metrics`, one per
+    pid in ``directory``) and labels each series with the worker's slot (0
+    to N-1, stable across restarts, so the series count stays bounded; a
+    restarted worker's counters start again at 0, which Prometheus's
+    ``rate()`` takes as a counter reset). ``pids()`` maps each slot to the
+    pid running in it now; the files of other pids are ignored. The values
+    are at most :data:`WORKER_WRITE_INTERVAL` old.
+    """
+
+    def __init__(self, directory: str, pids: Callable[[], Mapping[int, int]]) -> None:
+        self._directory = directory
+        self._pids = pids
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for slot, pid in sorted(self._pids().items()):
+            try:
+                with open(os.path.join(self._directory, f"{pid}.prom")) as f:
+                    text = f.read()
+            except FileNotFoundError:
+                continue  # starting: not written yet
+            for family in text_string_to_metric_families(text):
+                into = merged.get(family.name)
+                if into is None:
+                    into = merged[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit
+                    )
+                into.samples += [
+                    s._replace(labels={**s.labels, "worker": str(slot)})
+                    for s in family.samples
+                ]
+        yield from merged.values()

@@ -45,8 +45,10 @@ import functools
 import importlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -114,6 +116,7 @@ async def run_worker(
     port: int,
     *,
     supervisor_pid: int | None,
+    metrics_dir: str | None = None,
     **options: Unpack[ListenerOptions],
 ) -> None:
     """Serve ``handler`` on ``(host, port)`` with ``REUSEABLE_PORT`` until told to stop.
@@ -138,6 +141,11 @@ async def run_worker(
             )
             if supervisor_pid is not None:
                 nursery.start_soon(_watch_parent, supervisor_pid, nursery.cancel_scope)
+            if metrics_dir is not None:
+                from .metrics import write_worker_metrics
+
+                path = os.path.join(metrics_dir, f"{os.getpid()}.prom")
+                nursery.start_soon(write_worker_metrics, listener, path)
             async for signum in signals:
                 logger.info(
                     "worker pid %d got %s; stopping",
@@ -197,6 +205,25 @@ async def _supervise(supervisor: Supervisor, agent: AgentServer | None) -> int:
     return status
 
 
+def _serve_metrics(
+    host: str, port: int, directory: str, supervisor: Supervisor
+) -> None:
+    """Serve the set's metrics over HTTP (a daemon thread), from ``directory``.
+
+    Raises:
+        ImportError: prometheus_client is not installed.
+        OSError: the port cannot be bound.
+    """
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from .metrics import WorkerSetCollector
+
+    registry = CollectorRegistry()
+    registry.register(WorkerSetCollector(directory, supervisor.worker_pids))
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    logger.info("metrics served on port %d", server.server_port)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m trio_evlisten.workers",
@@ -226,8 +253,18 @@ def _parser() -> argparse.ArgumentParser:
     # A worker that does not finish its handlers soon is SIGKILLed by the
     # supervisor (--shutdown-timeout) anyway: drain for less than that.
     parser.set_defaults(drain_timeout=DEFAULT_DRAIN_TIMEOUT)
-    # Internal: how the supervisor starts a worker (the supervisor's pid).
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the workers' Prometheus metrics at http://HOST:PORT/metrics, "
+        "one series per worker (label worker=SLOT); needs "
+        "trio_evlisten[prometheus]",
+    )
+    # Internal: how the supervisor starts a worker (the supervisor's pid, and
+    # where the worker writes its metrics).
     parser.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-dir", help=argparse.SUPPRESS)
     return parser
 
 
@@ -259,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 opts.host,
                 opts.port,
                 supervisor_pid=opts.worker_of,
+                metrics_dir=opts.metrics_dir,
                 **options,
             )
         )
@@ -275,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             logger.error("%s", exc)
             return 1
+    metrics_dir = None
+    if opts.metrics_port is not None:
+        metrics_dir = tempfile.mkdtemp(prefix="trio_evlisten-metrics-")
     with reserve_port(opts.host, opts.port) as held:
         port = held.getsockname()[1]
         command = [
@@ -288,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--port",
             str(port),
             *to_argv(options),
+            *([] if metrics_dir is None else ["--metrics-dir", metrics_dir]),
             opts.handler,
         ]
         logger.info(
@@ -306,11 +348,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Each worker spends up to --lameduck accepting before it drains.
             opts.shutdown_timeout + options.get("lameduck", 0.0),
         )
+        if metrics_dir is not None:
+            try:
+                _serve_metrics(opts.host, opts.metrics_port, metrics_dir, supervisor)
+            except (ImportError, OSError) as exc:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+                parser.error(f"--metrics-port {opts.metrics_port}: {exc}")
         try:
             status = trio.run(_supervise, supervisor, agent)
         finally:
             if agent is not None:
                 agent.close()
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     logger.info("supervisor pid %d: exiting with status %d", os.getpid(), status)
     return status
 
