@@ -57,12 +57,18 @@ class Cli:
 
     ``parse`` turns the text into the value the option's check then takes;
     ``metavar=None`` makes a flag without a value (``store_true``);
-    ``repeat`` collects every use into a list.
+    ``repeat`` collects every use into a list. ``help`` is the ``--help``
+    text where the reference's would mislead on a command line (it speaks of
+    Python: other arguments such as ``ssl_context=``, methods, leaving the
+    ``async with`` block); ``shown`` is how ``--help`` states a default that
+    is no value one types (``None`` of a repeated option).
     """
 
     metavar: str | None
     parse: Callable[[str], object] = str
     repeat: bool = False
+    help: str | None = None
+    shown: str | None = None
 
 
 @attrs.frozen
@@ -96,7 +102,14 @@ class ListenerOptions(TypedDict, total=False):
             ":meth:`~ConnListener.set_max_connections`. A "
             ":class:`ResourceLimitWarning` says when ``RLIMIT_NOFILE`` is "
             "below it plus a reserve of 64.",
-            Cli("N", int_or_none),
+            Cli(
+                "N",
+                int_or_none,
+                help="at this many running handlers, stop accepting until one "
+                "finishes (connections wait in the kernel's backlog); none: no "
+                "limit. A warning says when RLIMIT_NOFILE is below it plus a "
+                "reserve of 64.",
+            ),
         ),
     ]
     max_pending: Annotated[
@@ -112,7 +125,16 @@ class ListenerOptions(TypedDict, total=False):
             "starve honest clients of handlers. ``None``: what the file "
             "descriptors allow, ``RLIMIT_NOFILE`` minus ``max_connections`` "
             "minus a reserve of 64 (at least 64).",
-            Cli("N", int_or_none),
+            Cli(
+                "N",
+                int_or_none,
+                help="with --proxy-protocol: at this many connections accepted "
+                "but not yet handed to a handler (still sending their PROXY "
+                "header, or waiting for a slot of --max-connections), stop "
+                "accepting until one is; none: what the file descriptors "
+                "allow, RLIMIT_NOFILE minus --max-connections minus a reserve "
+                "of 64 (at least 64).",
+            ),
         ),
     ]
     drain_timeout: Annotated[
@@ -123,7 +145,14 @@ class ListenerOptions(TypedDict, total=False):
             "on leaving the block, drain as :meth:`~ConnListener.drain` does: "
             "set ``listener.draining``, wait this many seconds for running "
             "handlers, then cancel them (``None``: wait for all).",
-            Cli("SECONDS", float_or_none),
+            Cli(
+                "SECONDS",
+                float_or_none,
+                help="on SIGINT or SIGTERM, drain before stopping: stop "
+                "accepting, serve the connections the kernel had queued, wait "
+                "this many seconds for running handlers, then cancel them "
+                "(none: wait for all).",
+            ),
         ),
     ]
     lameduck: Annotated[
@@ -140,7 +169,16 @@ class ListenerOptions(TypedDict, total=False):
             "``drain`` and then no connection arrived for 1 s. Handlers see "
             ":attr:`~ConnListener.lameduck`; ``listener.draining`` is set "
             "only when the drain proper begins. ``0``: no lame duck.",
-            Cli("SECONDS", float),
+            Cli(
+                "SECONDS",
+                float,
+                help="on SIGTERM, first spend up to this many seconds as a "
+                "lame duck: the agent port says drain while the server goes on "
+                "accepting and serving, so the load balancer stops sending "
+                "before the port closes; with --agent-port it ends once the "
+                "agent said drain and no connection came for 1 s. Then drain "
+                "(see --drain-timeout). 0: no lame duck.",
+            ),
         ),
     ]
     agent_port: Annotated[
@@ -154,7 +192,15 @@ class ListenerOptions(TypedDict, total=False):
             "serving, the weight from free capacity; ``drain`` in the lame "
             "duck, while draining, disabled or without a callback; ``drain "
             "stopped#closed`` once closed. Not for a Unix socket listener.",
-            Cli("PORT", int_or_none),
+            Cli(
+                "PORT",
+                int_or_none,
+                help="answer HAProxy's agent check (agent-check agent-port "
+                "PORT) on this port of --host: 'up ready NN%' while serving, "
+                "the weight from free capacity; 'drain' in the lame duck or "
+                "while draining; 'drain stopped#closed' once closed. Under the "
+                "workers, the supervisor answers for the set.",
+            ),
         ),
     ]
     stream: Annotated[
@@ -165,8 +211,9 @@ class ListenerOptions(TypedDict, total=False):
             "the class of the stream each handler gets: "
             ":class:`trio_evlisten.SocketStream`, a "
             ":class:`trio.abc.HalfCloseableStream` with "
-            ":class:`trio.SocketStream`'s surface and semantics at about half "
-            "its CPU per call; or :class:`trio.SocketStream` itself, for code "
+            ":class:`trio.SocketStream`'s surface and semantics for less CPU "
+            "per call (figures on the docs' benchmarks page); or "
+            ":class:`trio.SocketStream` itself, for code "
             "that needs exactly that type. With ``ssl_context=`` the handler "
             "gets a :class:`trio.SSLStream` over it.",
         ),
@@ -223,7 +270,14 @@ class ListenerOptions(TypedDict, total=False):
             "a bad, truncated or slow header, drops the connection without "
             "calling the handler (counted in ``statistics().proxy_rejected``; "
             "at most one WARNING per 10 s).",
-            Cli(None),
+            Cli(
+                None,
+                help="every connection starts with a PROXY protocol v1 or v2 "
+                "header (as HAProxy and nginx send it); the handler's addr is "
+                "then the original client's. A peer outside --proxy-trusted, "
+                "or a bad, truncated or slow header, drops the connection "
+                "without calling the handler (at most one WARNING per 10 s).",
+            ),
         ),
     ]
     proxy_trusted: Annotated[
@@ -234,7 +288,13 @@ class ListenerOptions(TypedDict, total=False):
             'the networks (``"10.0.0.0/8"``, ``"::1"``, :mod:`ipaddress` '
             "networks) that may send a header; ``None`` means loopback only "
             "(``127.0.0.0/8``, ``::1``). Unix-socket peers are always trusted.",
-            Cli("NETWORK", repeat=True),
+            Cli(
+                "NETWORK",
+                repeat=True,
+                help="with --proxy-protocol: a network (10.0.0.0/8, ::1) that "
+                "may send a PROXY header; repeat it for several.",
+                shown="127.0.0.0/8, ::1",
+            ),
         ),
     ]
     proxy_timeout: Annotated[
@@ -259,7 +319,13 @@ class ListenerOptions(TypedDict, total=False):
             "per connection). Applies to TCP sockets open_listener binds; with "
             "``sock=`` only when given, so a socket set up by systemd keeps its "
             "``KeepAlive=``; for a Unix socket it is an error. ``None``: off.",
-            Cli("SECONDS", int_or_none),
+            Cli(
+                "SECONDS",
+                int_or_none,
+                help="TCP keep-alive, as libevent 2.2 sets it: a connection "
+                "idle this many seconds is probed every third of that, and "
+                "dropped after 3 unanswered probes; none: off.",
+            ),
         ),
     ]
     unix_mode: Annotated[
@@ -311,10 +377,17 @@ def resolve(
 ) -> ListenerOptions:
     """Every option, checked, with the defaults filled in.
 
+    An option given (a key of ``given``, whatever its value, the default
+    too) where it cannot apply is refused rather than silently ignored:
+    ``tls_handshake_timeout`` without ``ssl_context``, ``proxy_trusted`` or
+    ``proxy_timeout`` without ``proxy_protocol=True``, ``max_pending``
+    without either, ``stream`` with ``Flag.LEAVE_SOCKETS_BLOCKING``.
+
     Raises:
         TypeError: an unknown option name, or a value of the wrong type.
-        ValueError: a bad value, or options that exclude each other (each
-            message names them).
+        ValueError: a bad value, options that exclude each other, or an
+            option given where it cannot apply (each message names them, and
+            what would make it apply).
     """
     unknown = given.keys() - OPTIONS.keys()
     if unknown:
@@ -339,4 +412,44 @@ def resolve(
             "ssl_context= hands handlers a trio.SSLStream, which "
             "Flag.LEAVE_SOCKETS_BLOCKING (plain blocking sockets) excludes"
         )
+    _refuse_what_cannot_apply(given, resolved, flags)
     return resolved
+
+
+def _refuse_what_cannot_apply(
+    given: Mapping[str, object], resolved: ListenerOptions, flags: Flag
+) -> None:
+    """Refuse an option given where nothing reads it.
+
+    "Given" is a key of ``given``, not a value that differs from the
+    default: ``tls_handshake_timeout=10`` without TLS is as much a mistake
+    (a forgotten ``ssl_context=``, most likely) as any other value.
+    """
+    tls = resolved["ssl_context"] is not None
+    proxy = resolved["proxy_protocol"]
+    if "tls_handshake_timeout" in given and not tls:
+        raise ValueError(
+            "tls_handshake_timeout= bounds the TLS handshake, which only "
+            "happens with ssl_context=; give ssl_context= too, or leave "
+            "tls_handshake_timeout= out"
+        )
+    for name in ("proxy_trusted", "proxy_timeout"):
+        if name in given and not proxy:
+            raise ValueError(
+                f"{name}= applies to the PROXY header, which is only read with "
+                f"proxy_protocol=True; give proxy_protocol=True too, or leave "
+                f"{name}= out"
+            )
+    if "max_pending" in given and not (tls or proxy):
+        raise ValueError(
+            "max_pending= bounds the connections in their PROXY header or TLS "
+            "handshake, which there are only with proxy_protocol=True or "
+            "ssl_context=; give one of those, or leave max_pending= out (to "
+            "bound running handlers, use max_connections=)"
+        )
+    if "stream" in given and flags & Flag.LEAVE_SOCKETS_BLOCKING:
+        raise ValueError(
+            "stream= is the class of the stream handlers get, but with "
+            "Flag.LEAVE_SOCKETS_BLOCKING they get a blocking socket.socket "
+            "instead; leave out stream= or the flag"
+        )
