@@ -35,6 +35,8 @@ EXAMPLES: dict[str, Any] = {
     "proxy_trusted": ["10.0.0.0/8", "::1"],
     "proxy_timeout": 0.25,
     "keepalive": 60,
+    "lameduck": 3.5,
+    "agent_port": 9100,
 }
 
 

@@ -78,6 +78,19 @@ def keepalive_seconds(value: object, name: str) -> int | None:
     return value
 
 
+def agent_port(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be None or a TCP port (an int), not {value!r}")
+    if not 0 <= value <= 65535:
+        raise ValueError(
+            f"{name} must be None or a TCP port 0..65535 (0: any free one), "
+            f"not {value!r}"
+        )
+    return value
+
+
 def file_mode(value: object, name: str) -> int | None:
     if value is None:
         return None

@@ -176,6 +176,8 @@ class HandlerHost:
                 if slot:
                     await runner.run(conn, None, addr, cb, args)
                     return
+                recorder = runner.recorder
+                since = None if recorder is None else trio.current_time()
                 opened = await runner.open(conn, addr)
                 if opened is None:
                     return
@@ -187,7 +189,10 @@ class HandlerHost:
                     close(conn)
                     raise
                 slot = True
-                await runner.run(conn, opened[0], opened[1], cb, args)
+                if recorder is not None:
+                    assert since is not None
+                    recorder.queued.observe(trio.current_time() - since)
+                await runner.run(conn, opened[0], opened[1], cb, args, since=since)
         finally:
             if task is not None:
                 scopes = self._scopes

@@ -47,6 +47,8 @@ class ListenerStatistics:
             (``queue_limit`` when known; else what ``listen()`` was given,
             capped); ``None`` for a ``sock=`` that was already listening on
             a platform without ``TCP_INFO``.
+        lameduck: whether a drain's lame duck has begun (``lameduck=``):
+            the agent port says ``drain``, accepting goes on.
     """
 
     accepted: int
@@ -66,6 +68,7 @@ class ListenerStatistics:
     queue_depth: int | None = None
     queue_limit: int | None = None
     backlog: int | None = None
+    lameduck: bool = False
 
 
 @final
