@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeAlias
 import trio
 
 from ._proxy_reader import Network, trusted_networks
-from ._sockopts import KEEPALIVE_MAX
+from ._socket import KEEPALIVE_MAX
 from ._stream import SocketStream
 
 HandlerErrors = Literal["log", "raise"]

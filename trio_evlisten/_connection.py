@@ -23,8 +23,7 @@ import trio
 from ._errors import GroupedLog
 from ._flags import Flag
 from ._proxy_reader import REJECTED
-from ._sockopts import prepare_listening_socket
-from ._stream import SocketStream, adopt
+from ._stream import SocketStream, adopt, prepare_listening_socket
 
 if TYPE_CHECKING:
     from collections.abc import Callable

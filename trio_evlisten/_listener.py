@@ -25,7 +25,6 @@ import trio
 
 from ._accept import Acceptor
 from ._agent import AgentServer, lame_duck, snapshot_of
-from ._backlog import accept_queue
 from ._checks import (
     check_accept_cb,
     check_error_cb,
@@ -39,6 +38,7 @@ from ._host import HandlerHost, task_name
 from ._outcome import shape
 from ._proxy_reader import ProxyReader, trusted_networks
 from ._recorder import ConnectionRecorder
+from ._socket import accept_queue
 from ._state import ListenerState
 from ._stats import DrainResult, ListenerStatistics
 
