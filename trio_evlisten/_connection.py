@@ -23,7 +23,7 @@ import trio
 from ._errors import GroupedLog
 from ._flags import Flag
 from ._proxy_reader import REJECTED
-from ._stream import SocketStream, adopt, prepare_listening_socket
+from ._stream import SocketStream, adopt, close_socket, prepare_listening_socket
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -254,11 +254,8 @@ def close(conn: StdSocket) -> None:
         ``close()`` fail with ``EBADF``; that connection is gone either way,
         and its cleanup must not end the listener. Logged at DEBUG.
     """
-    if conn.fileno() == -1:
-        return
     try:
-        trio.lowlevel.notify_closing(conn)
-        conn.close()
+        close_socket(conn)
     except OSError:
         logger.debug("closing %r failed", conn, exc_info=True)
 

@@ -557,10 +557,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
         waiters get :exc:`trio.ClosedResourceError` rather than waiting on a
         dead fd.
         """
-        sock = self._sock
-        if sock.fileno() != -1:
-            notify_closing(sock)
-            sock.close()
+        close_socket(self._sock)
 
     async def aclose(self) -> None:
         """Close the stream (and its socket); idempotent, and a checkpoint.
@@ -583,3 +580,17 @@ def adopt(sock: _stdlib_socket.socket) -> SocketStream:
     stream = SocketStream.__new__(SocketStream)
     stream._attach(sock)
     return stream
+
+
+def close_socket(sock: _stdlib_socket.socket) -> None:
+    """Close ``sock`` now, waking any task blocked on it; idempotent.
+
+    :func:`trio.lowlevel.notify_closing` first, so that waiters get
+    :exc:`trio.ClosedResourceError` rather than waiting on a dead fd. The
+    one way this package closes a connection's socket: the stream's
+    :meth:`~SocketStream.aclose` and the listener's cleanup (which also
+    keeps an ``OSError`` from leaving it).
+    """
+    if sock.fileno() != -1:
+        notify_closing(sock)
+        sock.close()
