@@ -376,3 +376,37 @@ def test_drain_load_sorts_each_outcome(
         else:
             lsock.listen()
             assert one_attempt(port, lsock, server_side) == expected
+
+
+def run_tls_latency(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.tls_latency", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_tls_latency_runs_every_server_and_reports_each_cell() -> None:
+    servers = ["ours", "ours-noquickack", "trio", "trio-quickack"]
+    done = run_tls_latency(
+        "-n", "2", "--clients", "python", "--servers", *[",".join(servers)]
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The servers were stopped quietly (no traceback from their teardown).
+    assert done.stderr == "", done.stderr
+    for server in servers:
+        row = re.search(rf"^\| python \| {server} \|(.*)$", done.stdout, re.MULTILINE)
+        assert row is not None, done.stdout
+        median, low, high, n = (c.strip() for c in row.group(1).strip("|").split("|"))
+        assert 0 < float(low) <= float(median) <= float(high), row.group(0)
+        assert n == "2"
+
+
+def test_tls_latency_refuses_an_unknown_client() -> None:
+    done = run_tls_latency("--clients", "wget")
+    assert done.returncode == 2
+    assert "unknown client 'wget'" in done.stderr

@@ -7,6 +7,7 @@ import gc
 import shutil
 import socket
 import ssl
+import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ import trustme
 
 from tests.conftest import recv_exactly
 from trio_evlisten import ConnListener, Flag, open_listener
+from trio_evlisten._connection import quickack
 from trio_evlisten.testing import open_stream_to
 
 if TYPE_CHECKING:
@@ -83,6 +85,71 @@ async def test_stdlib_ssl_client_in_a_thread(
                 _blocking_tls_roundtrip, listener.port, client_ctx, payload
             )
     assert got == payload
+
+
+needs_quickack = pytest.mark.skipif(
+    not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux's"
+)
+#: Linux's shortest delayed ACK (``TCP_DELACK_MIN``): a first echo that
+#: waited for one cannot come sooner.
+DELAYED_ACK_MIN = 0.040
+
+
+def quickack_mode(stream: trio.SSLStream[trio.SocketStream]) -> int:
+    """1 if the connection is out of Linux's delayed-ACK ("pingpong") mode.
+
+    That is what ``getsockopt(TCP_QUICKACK)`` reads (tcp(7)).
+    """
+    sock = stream.transport_stream.socket
+    return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK))
+
+
+def _nagle_first_echo(port: int, ctx: ssl.SSLContext) -> float:
+    """Seconds for a stdlib client (Nagle on) to connect, shake hands, and
+    get its first 64 bytes echoed."""
+    start = time.perf_counter()
+    assert _blocking_tls_roundtrip(port, ctx, b"x" * 64) == b"x" * 64
+    return time.perf_counter() - start
+
+
+@needs_quickack
+async def test_handshake_acknowledges_at_once_for_a_client_with_nagle_on(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    """The client's Finished expects no answer, and the server's flight put the
+    connection in delayed-ACK mode: without TCP_QUICKACK after the handshake,
+    the client's first request waits for a delayed ACK (Nagle)."""
+    modes: list[tuple[int, int]] = []
+
+    async def handler(
+        listener: ConnListener, conn: trio.SSLStream[trio.SocketStream], addr: object
+    ) -> None:
+        at_start = quickack_mode(conn)
+        await conn.send_all(await recv_exactly(conn, 64))
+        # The first answer went out right after the request: delayed ACKs
+        # are back, the quick-ACK mode was the handshake's only.
+        modes.append((at_start, quickack_mode(conn)))
+
+    with trio.fail_after(20):
+        async with open_listener(
+            handler, address=LOCAL, flags=Flag.CLOSE_ON_FREE, ssl_context=server_ctx
+        ) as listener:
+            times = [
+                await trio.to_thread.run_sync(
+                    _nagle_first_echo, listener.port, client_ctx
+                )
+                for _ in range(5)
+            ]
+    assert modes == [(1, 0)] * 5
+    # The fastest of five: a busy machine only adds time.
+    assert min(times) < DELAYED_ACK_MIN * 0.75, times
+
+
+@needs_quickack
+def test_quickack_is_quiet_where_the_socket_refuses_it() -> None:
+    a, b = socket.socketpair()  # a Unix socket: no TCP options
+    with a, b:
+        quickack(a)
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ slot between the preamble and the call), the accept loop, or the gate.
 from __future__ import annotations
 
 import logging
+import socket
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
     from ._state import AcceptCallback, ListenerState
 
 logger: Final = logging.getLogger("trio_evlisten")
+
+_IPPROTO_TCP: Final = socket.IPPROTO_TCP
+_TCP_QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)
 
 #: How long the listener waits to send TLS's close_notify after a handler
 #: returns before it closes the connection anyway.
@@ -124,6 +129,7 @@ class ConnectionRunner:
                 return self.plain(conn), addr
             tls = trio.SSLStream(self._stream(conn), context, server_side=True)
             if await self._handshake(tls, addr):
+                quickack(conn)
                 return tls, addr
             close(conn)
             return None
@@ -258,6 +264,32 @@ def close(conn: StdSocket) -> None:
         close_socket(conn)
     except OSError:
         logger.debug("closing %r failed", conn, exc_info=True)
+
+
+def quickack(conn: StdSocket) -> None:
+    """Acknowledge what the client sent at once, and its next segment too.
+
+    Called once a TLS handshake is done. Our sending the handshake's flight
+    right after the client's hello put the connection in Linux's delayed-ACK
+    ("pingpong") mode, and the client's Finished, the handshake's last
+    message, expects no answer (``trio.SSLStream`` holds TLS 1.3's session
+    tickets back until the first write): so its ACK waits for the delayed-ACK
+    timer, and a client that leaves Nagle's algorithm on holds its first
+    request until that ACK comes. ``TCP_QUICKACK`` sends a scheduled ACK at
+    once and leaves pingpong mode (tcp(7)); the mode is not permanent, and
+    need not be: the first response, sent right after the request, puts the
+    connection back in pingpong mode, and from then on each answer carries
+    the ACK. Setting it before the handshake would change nothing: the
+    server's flight re-enters pingpong mode. See docs/choices.md.
+
+    Error handling:
+        Does nothing where ``TCP_QUICKACK`` does not exist (it is Linux's),
+        or when the socket refuses it (a Unix socket, a connection already
+        reset): a late ACK is a delay, never an error.
+    """
+    if _TCP_QUICKACK is not None:
+        with suppress(OSError):
+            conn.setsockopt(_IPPROTO_TCP, _TCP_QUICKACK, 1)
 
 
 def unlink_handshake(tls: trio.SSLStream[Any]) -> None:
