@@ -93,11 +93,17 @@ def http_date() -> bytes:
 
 
 class _Drained(Exception):
-    """A drain ended the wait for a request of which no byte had come."""
+    """A drain ended the wait for a request whose bytes came too late."""
 
 
 class HTTPConnection:
-    """One client's connection: the stream, h11's state and our deadlines.
+    """One client's connection: the stream, h11's state and our deadline.
+
+    One cancel scope, :attr:`timer`, lives as long as the connection: the
+    idle timeout moves its deadline before each request, and a drain that
+    finds the connection waiting for a request not yet begun cancels it.
+    Entering a scope per request (``move_on_after``) and another per wait
+    would cost more per request than moving one deadline.
 
     Resource handling:
         The stream belongs to the caller of :func:`serve_http`, who closes it
@@ -105,16 +111,19 @@ class HTTPConnection:
         returns); this class only half-closes it to end the conversation.
     """
 
-    def __init__(self, stream: trio.abc.HalfCloseableStream, idle_timeout: float):
+    def __init__(
+        self, stream: trio.abc.HalfCloseableStream, idle_timeout: float | None
+    ):
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER)
         self.idle_timeout = idle_timeout
         #: Requests answered so far.
         self.served = 0
-        #: The scope of a wait for a further request of which no byte has
-        #: come: draining cancels it. It holds that one receive and nothing
-        #: else, so a request that has begun is always finished.
-        self.idle: trio.CancelScope | None = None
+        #: The connection's one scope: its deadline is the idle timeout's.
+        self.timer = trio.CancelScope()
+        #: True while waiting for a further request of which no byte has
+        #: come: the only wait a drain may cut short.
+        self.idle = False
 
     async def serve(self, drain: Drain | None) -> None:
         """Answer requests until the client leaves or we decide to close."""
@@ -125,13 +134,15 @@ class HTTPConnection:
             return
 
     async def _serve(self, drain: Drain | None) -> None:
-        while True:
-            # A drain that began during the last response ends it here; the
-            # first request is always served (the listener hands us only
-            # connections it accepted before or while draining began).
-            if self.served and drain is not None and drain.draining:
-                break
-            with trio.move_on_after(self.idle_timeout) as deadline:
+        with self.timer:
+            while True:
+                # A drain that began during the last response ends it here;
+                # the first request is always served (the listener hands us
+                # only connections it accepted before or while draining began).
+                if self.served and drain is not None and drain.draining:
+                    break
+                if self.idle_timeout is not None:
+                    self.timer.deadline = trio.current_time() + self.idle_timeout
                 try:
                     request = await self._next_request()
                     if request is None:
@@ -142,24 +153,23 @@ class HTTPConnection:
                     break
                 except _Drained:
                     break
-            if deadline.cancelled_caught:
-                # Idle between requests: just close. Half-way through one:
-                # say why, as far as the client still listens.
-                if self._request_begun():
-                    with trio.move_on_after(LINGER):
-                        await self._send_error(HTTPStatus.REQUEST_TIMEOUT)
-                break
-            if self.h11.our_state is h11.MUST_CLOSE:
-                break
-            self.h11.start_next_cycle()
-            self.served += 1
+                if self.h11.our_state is h11.MUST_CLOSE:
+                    break
+                self.h11.start_next_cycle()
+                self.served += 1
+        if self.timer.cancelled_caught and self._request_begun():
+            # Timed out half-way through a request: say why, as far as the
+            # client still listens. (Idle, or cut short by a drain: just
+            # close.)
+            with trio.move_on_after(LINGER):
+                await self._send_error(HTTPStatus.REQUEST_TIMEOUT)
         await self._close()
 
     async def close_idle_on_drain(self, drain: Drain) -> None:
         """Wait for a drain, then end the wait for a request not yet begun."""
         await drain.wait_draining()
-        if self.idle is not None:
-            self.idle.cancel()
+        if self.idle:
+            self.timer.cancel()
 
     def _request_begun(self) -> bool:
         return self.h11.their_state is not h11.IDLE or bool(self.h11.trailing_data[0])
@@ -178,20 +188,27 @@ class HTTPConnection:
         """Some bytes from the client (b"" at EOF).
 
         Raises:
-            _Drained: a drain began while no byte of a further request had
-                come (the first request is always waited for).
+            trio.Cancelled: (of :attr:`timer`) the idle timeout passed, or a
+                drain began while no byte of a further request had come (the
+                first request is always waited for).
+            _Drained: the drain began just as the bytes came.
         """
         if self.served == 0 or self._request_begun():
             return await self.stream.receive_some(MAX_RECV)
-        # Between requests: the only wait a drain may cut short. Nothing
-        # but the receive is in the scope, so bytes that came are never lost.
-        self.idle = trio.CancelScope()
+        # Between requests: the only wait a drain may cut short.
+        self.idle = True
         try:
-            with self.idle:
-                return await self.stream.receive_some(MAX_RECV)
+            data = await self.stream.receive_some(MAX_RECV)
         finally:
-            self.idle = None
-        raise _Drained
+            self.idle = False
+        if self.timer.cancel_called:
+            # The drain (or the deadline) came as the bytes did: the
+            # receive had finished, so no Cancelled told us, but the next
+            # step would be cancelled half-way through the answer. Close as
+            # if it had come first, as closing an idle keep-alive
+            # connection always may (the client retries elsewhere).
+            raise _Drained
+        return data
 
     async def _next_request(self) -> h11.Request | None:
         """The next request's head, or None if the client closed instead."""
@@ -292,7 +309,7 @@ async def serve_http(
     stream: trio.abc.HalfCloseableStream,
     drain: Drain | None = None,
     *,
-    idle_timeout: float = IDLE_TIMEOUT,
+    idle_timeout: float | None = IDLE_TIMEOUT,
 ) -> None:
     """Serve HTTP/1.1 on one connection until it ends.
 
@@ -303,7 +320,8 @@ async def serve_http(
             close`` and a connection waiting for its next request is closed.
         idle_timeout: seconds from the end of a response to the end of the
             next one; a client idle that long is closed (a 408 if it had
-            begun a request).
+            begun a request). None: no limit (the benchmark measures what
+            the limit costs).
 
     Error handling:
         A malformed request gets h11's suggested status (400, 431, ...) and
