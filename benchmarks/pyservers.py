@@ -17,24 +17,45 @@ Run as ``python benchmarks/pyservers.py KIND PORT``; each listens on
 And the HTTP/1.1 servers of the ``http`` workload (h11, keep-alive, the same
 responses as ``examples/http_server.py``, which is ``ours`` there):
 
-* ``trio-http``: :func:`trio.serve_tcp` serving the example's own
-  ``serve_http``, the very function the listener runs;
-* ``asyncio-http``: :func:`asyncio.start_server` with h11, the same routes,
-  headers and body;
+* ``trio-http``: :func:`trio.serve_listeners` (what :func:`trio.serve_tcp`
+  runs) serving the example's own ``serve_http``, the very function the
+  listener runs, with a drain on SIGINT/SIGTERM as the listener has;
+* ``asyncio-http``: :func:`asyncio.start_server` with h11, the example's
+  ``HTTPConnection`` ported step by step: the same routes, headers and body,
+  the same idle timeout (one deadline per connection, moved per request),
+  drain, limits and one write per response;
 * ``corrupt-http``: ``asyncio-http`` answering every 10th request with a 500:
-  the self-check of the http workload.
+  the self-check of the http workload;
+* ``ours-http`` and its variants without a feature (``ours-no-timeout-http``,
+  ``ours-no-drain-http``, ``ours-bare-http`` without either,
+  ``ours-split-writes-http`` sending head, body and end in three writes):
+  the example's application on the listener, to measure what each feature
+  costs per request (``python -m benchmarks --servers
+  ours,ours-bare,ours-no-timeout,ours-no-drain,ours-split-writes
+  --workloads http``).
+
+Every HTTP server behaves the same, so that the http row compares
+listeners, not applications.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import importlib.util
+import signal
 import sys
 from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 from types import ModuleType
-from typing import cast
+from typing import Any, cast
+
+try:
+    import h11
+except ImportError:  # only the http servers need it (run.py checks for it)
+    h11 = None  # type: ignore[assignment]
 
 import trio
 
@@ -109,77 +130,401 @@ async def protocol_main(port: int, protocol: Callable[[], asyncio.Protocol]) -> 
         await server.serve_forever()
 
 
+# ----------------------------------------------------------------------
+# HTTP/1.1: every server does what examples/http_server.py does (the idle
+# timeout, drain on SIGINT/SIGTERM, one write per response), so that the
+# http row compares listeners, not applications.
+
+
+class TrioDrain:
+    """A drain for :func:`trio.serve_tcp`: what the example's ``Drain`` needs."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._event = trio.Event()
+
+    def start(self) -> None:
+        self.draining = True
+        self._event.set()
+
+    async def wait_draining(self) -> None:
+        await self._event.wait()
+
+
 async def trio_http_main(port: int) -> None:
-    await trio.serve_tcp(http_example().serve_http, port, host=HOST)
+    """The example's ``serve_http`` on :func:`trio.serve_listeners`.
 
-
-async def asyncio_http_main(port: int, fail_every: int = 0) -> None:
-    """h11 over asyncio streams: the example's routes, headers and body.
-
-    Keep-alive only as far as the benchmark needs: a malformed request or a
-    reset ends the connection without an answer.
+    On SIGINT or SIGTERM: stop accepting, tell the connections (as the
+    listener's drain does), give them the example's ``DRAIN_TIMEOUT``.
     """
-    import h11
+    app = http_example()
+    drain = TrioDrain()
+    handler = functools.partial(app.serve_http, drain=drain)
+    listeners = await trio.open_tcp_listeners(port, host=HOST, backlog=4096)
+    async with trio.open_nursery() as handlers:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(
+                    functools.partial(
+                        trio.serve_listeners,
+                        handler,
+                        listeners,
+                        handler_nursery=handlers,
+                    )
+                )
+                async for _ in signals:
+                    break
+                accepting.cancel_scope.cancel()
+        drain.start()
+        handlers.cancel_scope.deadline = trio.current_time() + app.DRAIN_TIMEOUT
+
+
+class SplitWrites:
+    """Makes the example's connection send head, body and end in three writes
+    (the cost of not coalescing them; see ``ours-split-writes``)."""
+
+    @staticmethod
+    def connection_class(app: ModuleType) -> type[Any]:
+        class SplitConnection(app.HTTPConnection):  # type: ignore[name-defined,misc]
+            async def _send_response(
+                self,
+                status: int,
+                body: bytes,
+                *,
+                head: bool,
+                closing: bool,
+                extra: list[tuple[bytes, bytes]] | None = None,
+            ) -> None:
+                headers = [
+                    (b"Date", app.http_date()),
+                    (b"Server", app.SERVER),
+                    (b"Content-Type", b"text/plain; charset=utf-8"),
+                    (b"Content-Length", str(len(body)).encode()),
+                    *(extra or ()),
+                ]
+                if closing:
+                    headers.append((b"Connection", b"close"))
+                reason = HTTPStatus(status).phrase.encode()
+                await self._send(
+                    h11.Response(status_code=status, headers=headers, reason=reason)
+                )
+                if not head:
+                    await self._send(h11.Data(data=body))
+                await self._send(h11.EndOfMessage())
+
+        return SplitConnection
+
+
+async def ours_http_main(
+    port: int, *, idle_timeout: float | None, drain: bool, split: bool
+) -> None:
+    """The example's application on the listener, a feature left out.
+
+    ``ours`` in the http row is examples/http_server.py itself; these
+    variants measure what each of its features costs per request.
+    """
+    import trio_evlisten
 
     app = http_example()
+    make = SplitWrites.connection_class(app) if split else app.HTTPConnection
 
-    def response(conn: h11.Connection, request: h11.Request, status: int) -> bytes:
-        body = app.BODY if status == 200 else f"{HTTPStatus(status).phrase}\n".encode()
+    async def handle(listener: Any, stream: Any, addr: object) -> None:
+        conn = make(stream, idle_timeout)
+        if not drain:
+            await conn.serve(None)
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.close_idle_on_drain, listener)
+            await conn.serve(listener)
+            nursery.cancel_scope.cancel()
+
+    async with trio_evlisten.open_listener(
+        handle,
+        address=(HOST, port),
+        flags=trio_evlisten.Flag.CLOSE_ON_FREE | trio_evlisten.Flag.REUSEABLE,
+        drain_timeout=app.DRAIN_TIMEOUT,
+    ):
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+
+
+class _Drained(Exception):
+    """A drain ended the wait for a request of which no byte had come."""
+
+
+class AsyncioShutdown:
+    """The asyncio server's drain: the flag, and the connections it may cut."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        #: Connections waiting for a further request of which no byte came.
+        self.idle: set[AsyncioHTTPConnection] = set()
+
+    def start(self) -> None:
+        self.draining = True
+        for conn in list(self.idle):
+            conn.drained = True
+            # A cancelled StreamReader.read() consumes nothing, even if the
+            # bytes came as it was cancelled: no request is cut in half.
+            conn.task.cancel()
+
+
+class AsyncioHTTPConnection:
+    """examples/http_server.py's ``HTTPConnection``, on asyncio streams.
+
+    The same steps in the same order: one deadline per connection moved
+    before each request (a ``TimerHandle``, as the example moves its cancel
+    scope's), a 408 for a request begun but not finished in time, the first
+    request always served, a drain that ends idle waits and answers the
+    request under way with ``Connection: close``, 413 over ``MAX_BODY``,
+    ``100 Continue``, one write per response, FIN then linger on close.
+    """
+
+    def __init__(
+        self,
+        app: ModuleType,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        shutdown: AsyncioShutdown,
+        fail: Callable[[], bool],
+    ) -> None:
+        self.app = app
+        self.reader = reader
+        self.writer = writer
+        self.shutdown = shutdown
+        self.fail = fail
+        self.h11 = h11.Connection(h11.SERVER)
+        self.served = 0
+        self.loop = asyncio.get_running_loop()
+        self.task = cast("asyncio.Task[None]", asyncio.current_task())
+        self.timer: asyncio.TimerHandle | None = None
+        self.expired = False
+        self.drained = False
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.task.cancel()
+
+    async def serve(self) -> None:
+        try:
+            await self._serve()
+        except ConnectionError:
+            return  # reset: nobody is left to answer
+
+    async def _serve(self) -> None:
+        app = self.app
+        try:
+            while True:
+                if self.served and self.shutdown.draining:
+                    break
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.timer = self.loop.call_at(
+                    self.loop.time() + app.IDLE_TIMEOUT, self._expire
+                )
+                try:
+                    request = await self._next_request()
+                    if request is None:
+                        return
+                    await self._respond(request)
+                except h11.RemoteProtocolError as exc:
+                    await self._send_error(exc.error_status_hint)
+                    break
+                if self.h11.our_state is h11.MUST_CLOSE:
+                    break
+                self.h11.start_next_cycle()
+                self.served += 1
+        except asyncio.CancelledError:
+            if not (self.expired or self.drained):
+                raise
+            if sys.version_info >= (3, 11):
+                self.task.uncancel()
+            if self.expired and self._request_begun():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        self._send_error(HTTPStatus.REQUEST_TIMEOUT), app.LINGER
+                    )
+        finally:
+            if self.timer is not None:
+                self.timer.cancel()
+        await self._close()
+
+    def _request_begun(self) -> bool:
+        return self.h11.their_state is not h11.IDLE or bool(self.h11.trailing_data[0])
+
+    async def _next_event(self) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if self.h11.they_are_waiting_for_100_continue:
+                await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+            self.h11.receive_data(await self._receive())
+
+    async def _receive(self) -> bytes:
+        if self.served == 0 or self._request_begun():
+            return await self.reader.read(self.app.MAX_RECV)
+        self.shutdown.idle.add(self)
+        try:
+            return await self.reader.read(self.app.MAX_RECV)
+        finally:
+            self.shutdown.idle.discard(self)
+
+    async def _next_request(self) -> h11.Request | None:
+        event = await self._next_event()
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        assert isinstance(event, h11.Request), event
+        return event
+
+    async def _read_body(self) -> bool:
+        size = 0
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.EndOfMessage):
+                return True
+            assert isinstance(event, h11.Data), event
+            size += len(event.data)
+            if size > self.app.MAX_BODY:
+                return False
+
+    async def _respond(self, request: h11.Request) -> None:
+        extra: list[tuple[bytes, bytes]] = []
+        body_read = await self._read_body()
+        closing = self.shutdown.draining
+        if not body_read:
+            status, closing = HTTPStatus.REQUEST_ENTITY_TOO_LARGE, True
+        elif self.fail():
+            status = HTTPStatus.INTERNAL_SERVER_ERROR
+        elif request.target.split(b"?", 1)[0] != b"/":
+            status = HTTPStatus.NOT_FOUND
+        elif request.method not in (b"GET", b"HEAD"):
+            status = HTTPStatus.METHOD_NOT_ALLOWED
+            extra.append((b"Allow", b"GET, HEAD"))
+        else:
+            status = HTTPStatus.OK
+        body = (
+            self.app.BODY if status is HTTPStatus.OK else f"{status.phrase}\n".encode()
+        )
+        await self._send_response(
+            status, body, head=request.method == b"HEAD", closing=closing, extra=extra
+        )
+
+    async def _send_error(self, status: int) -> None:
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        phrase = HTTPStatus(status).phrase
+        await self._send_response(
+            status, f"{phrase}\n".encode(), head=False, closing=True
+        )
+
+    async def _send_response(
+        self,
+        status: int,
+        body: bytes,
+        *,
+        head: bool,
+        closing: bool,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        app = self.app
         headers = [
             (b"Date", app.http_date()),
             (b"Server", app.SERVER),
             (b"Content-Type", b"text/plain; charset=utf-8"),
             (b"Content-Length", str(len(body)).encode()),
+            *(extra or ()),
         ]
-        if status == 405:
-            headers.append((b"Allow", b"GET, HEAD"))
+        if closing:
+            headers.append((b"Connection", b"close"))
         reason = HTTPStatus(status).phrase.encode()
-        data = conn.send(
+        data = self._bytes(
             h11.Response(status_code=status, headers=headers, reason=reason)
         )
-        if request.method != b"HEAD":
-            data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
-        return (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        if not head:
+            data += self._bytes(h11.Data(data=body))
+        data += self._bytes(h11.EndOfMessage())
+        self.writer.write(data)
+        await self.writer.drain()
 
+    async def _send(self, event: h11.Event) -> None:
+        self.writer.write(self._bytes(event))
+        await self.writer.drain()
+
+    def _bytes(self, event: h11.Event) -> bytes:
+        data = self.h11.send(event)
+        assert data is not None
+        return data
+
+    async def _close(self) -> None:
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+        if self.h11.trailing_data[1]:
+            return
+
+        async def read_to_eof() -> None:
+            while await self.reader.read(self.app.MAX_RECV):
+                pass
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(read_to_eof(), self.app.LINGER)
+
+
+async def asyncio_http_main(port: int, fail_every: int = 0) -> None:
+    """h11 over asyncio streams, as examples/http_server.py behaves.
+
+    On SIGINT or SIGTERM: stop accepting, cut idle waits, let requests under
+    way finish (``Connection: close``) for the example's ``DRAIN_TIMEOUT``,
+    then cancel what is left.
+    """
+    app = http_example()
+    shutdown = AsyncioShutdown()
+    tasks: set[asyncio.Task[None]] = set()
     served = 0
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def fail() -> bool:
         nonlocal served
-        conn = h11.Connection(h11.SERVER)
-        request: h11.Request | None = None
+        served += 1
+        return bool(fail_every) and served % fail_every == 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = AsyncioHTTPConnection(app, reader, writer, shutdown, fail)
+        tasks.add(conn.task)
         try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await reader.read(READ_SIZE))
-                elif isinstance(event, h11.Request):
-                    request = event
-                elif isinstance(event, h11.EndOfMessage):
-                    assert request is not None
-                    served += 1
-                    if fail_every and served % fail_every == 0:
-                        status = 500
-                    elif request.target.split(b"?", 1)[0] != b"/":
-                        status = 404
-                    elif request.method not in (b"GET", b"HEAD"):
-                        status = 405
-                    else:
-                        status = 200
-                    writer.write(response(conn, request, status))
-                    await writer.drain()
-                    if conn.our_state is h11.MUST_CLOSE:
-                        break
-                    conn.start_next_cycle()
-                elif not isinstance(event, h11.Data):
-                    break  # ConnectionClosed
-        except (h11.RemoteProtocolError, ConnectionError):
-            pass
+            await conn.serve()
+        except h11.RemoteProtocolError:
+            pass  # a second protocol error while answering the first
         finally:
+            tasks.discard(conn.task)
             writer.close()
 
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     server = await asyncio.start_server(serve, HOST, port, backlog=4096)
     async with server:
-        await server.serve_forever()
+        await stop.wait()
+        server.close()
+        shutdown.start()
+        if tasks:
+            _, pending = await asyncio.wait(set(tasks), timeout=app.DRAIN_TIMEOUT)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+#: The example's application on the listener with features left out, to
+#: measure each one's cost per request: kind -> (idle timeout, drain,
+#: coalesced writes are split).
+OURS_HTTP_VARIANTS: dict[str, tuple[bool, bool, bool]] = {
+    "ours-http": (True, True, False),
+    "ours-no-timeout-http": (False, True, False),
+    "ours-no-drain-http": (True, False, False),
+    "ours-bare-http": (False, False, False),
+    "ours-split-writes-http": (True, True, True),
+}
 
 
 def main(argv: list[str]) -> int:
@@ -205,6 +550,13 @@ def main(argv: list[str]) -> int:
         asyncio.run(asyncio_http_main(port))
     elif kind == "corrupt-http":
         asyncio.run(asyncio_http_main(port, CORRUPT_EVERY))
+    elif kind in OURS_HTTP_VARIANTS:
+        timeout, drain, split = OURS_HTTP_VARIANTS[kind]
+        idle_timeout = http_example().IDLE_TIMEOUT if timeout else None
+        main = functools.partial(
+            ours_http_main, port, idle_timeout=idle_timeout, drain=drain, split=split
+        )
+        trio.run(main)
     else:
         print(f"unknown server kind {kind!r}", file=sys.stderr)
         return 2

@@ -88,7 +88,7 @@ SERVERS: Final[dict[str, str]] = {
 HTTP_SERVERS: Final[dict[str, str]] = {
     "ours": "trio_evlisten: examples/http_server.py, h11",
     "trio": "trio.serve_tcp, the same serve_http",
-    "asyncio-streams": "asyncio.start_server + h11",
+    "asyncio-streams": "asyncio.start_server + h11, the example ported",
 }
 #: Listening sockets a server opens on its port (default 1): the harness
 #: waits for all of them, so every worker is accepting when the load starts.
@@ -96,7 +96,15 @@ LISTENERS: Final[dict[str, int]] = {"ours-2w": 2}
 #: Selectable with --servers but never run by default: the harness's
 #: self-check, a server that corrupts the echo and must be reported FAILED.
 HIDDEN_SERVERS: Final = {"corrupt": "asyncio Protocol flipping a bit (self-check)"}
-HIDDEN_HTTP_SERVERS: Final = {"corrupt": "asyncio + h11, every 10th a 500 (self-check)"}
+HIDDEN_HTTP_SERVERS: Final = {
+    "corrupt": "asyncio + h11, every 10th a 500 (self-check)",
+    # The example's application on the listener, a feature left out: what
+    # each costs per request (benchmarks/pyservers.py).
+    "ours-bare": "the example's app without idle timeout or drain",
+    "ours-no-timeout": "the example's app without its idle timeout",
+    "ours-no-drain": "the example's app without drain handling",
+    "ours-split-writes": "the example's app, head/body/end in three writes",
+}
 
 WORKLOADS: Final[dict[str, Workload]] = {
     w.name: w
@@ -125,7 +133,8 @@ def serves(server: str, workload: Workload) -> bool:
     """Whether ``server`` takes part in ``workload`` (http: only HTTP servers)."""
     if workload.name == "http":
         return server in HTTP_SERVERS or server in HIDDEN_HTTP_SERVERS
-    return True
+    # The example's feature variants speak HTTP only.
+    return server in SERVERS or server in HIDDEN_SERVERS
 
 
 def server_argv(name: str, port: int, bindir: Path, workload: Workload) -> list[str]:
@@ -135,7 +144,7 @@ def server_argv(name: str, port: int, bindir: Path, workload: Workload) -> list[
         if name == "ours":
             return [py, str(ROOT / "examples" / "http_server.py"), str(port)]
         kind = {"trio": "trio", "asyncio-streams": "asyncio", "corrupt": "corrupt"}
-        return [py, str(PYSERVERS), f"{kind[name]}-http", str(port)]
+        return [py, str(PYSERVERS), f"{kind.get(name, name)}-http", str(port)]
     if name == "ours":
         return [py, str(ROOT / "examples" / "echo.py"), str(port)]
     if name == "ours-2w":
@@ -475,7 +484,11 @@ def parse_list(value: str | None, known: dict[str, object], what: str) -> list[s
     if value is None:
         return list(known)
     names = [v.strip() for v in value.split(",") if v.strip()]
-    allowed = {**known, **HIDDEN_SERVERS} if what == "server" else known
+    allowed = (
+        {**known, **HIDDEN_SERVERS, **HIDDEN_HTTP_SERVERS}
+        if what == "server"
+        else known
+    )
     for n in names:
         if n not in allowed:
             raise SystemExit(f"unknown {what} {n!r}; choose from {', '.join(allowed)}")

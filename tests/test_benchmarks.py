@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 try:
     from benchmarks import drain_load, wrk
     from benchmarks.report import Cell, Workload
+    from benchmarks.run import free_port
 except ImportError:  # .ci/wheel-check copies tests/, not benchmarks/
     pytest.skip("benchmarks/ is not beside tests/", allow_module_level=True)
 
@@ -410,3 +412,60 @@ def test_tls_latency_refuses_an_unknown_client() -> None:
     done = run_tls_latency("--clients", "wget")
     assert done.returncode == 2
     assert "unknown client 'wget'" in done.stderr
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One response to ``GET /`` (its body ends the example's)."""
+    data = b""
+    while not data.endswith(b"Hello, world!\n"):
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ours-http", "trio-http", "asyncio-http"])
+def test_http_servers_drain_as_the_example_does(kind: str) -> None:
+    """SIGTERM: an idle keep-alive connection is closed at once, a request
+    under way is answered with Connection: close, and the server exits 0."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "pyservers.py"), kind, str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                wrk.probe(port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.05)  # a subprocess starting: nothing to wait on
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as idle,
+            socket.create_connection(("127.0.0.1", port), timeout=10) as busy,
+        ):
+            idle.sendall(GET)
+            assert b"Connection: close" not in read_response(idle)
+            busy.sendall(GET)
+            read_response(busy)
+            busy.sendall(GET[:20])
+            proc.send_signal(signal.SIGTERM)
+            assert idle.recv(1) == b""  # closed by the drain, not a timeout
+            busy.sendall(GET[20:])
+            reply = read_response(busy)
+            assert reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply
+            assert b"\r\nConnection: close\r\n" in reply
+            assert busy.recv(1) == b""
+        _, err = proc.communicate(timeout=15)
+        assert (proc.returncode, err) == (0, b"")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=15)
+
+
+GET = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
