@@ -358,8 +358,16 @@ benchmarks/wrk.py):
 - http: `wrk` (keep-alive, 50 connections, one thread per load-generator
   CPU, pinned there) sends `GET /` and gets a 14-byte body. `ours` is
   `examples/http_server.py` (h11 on trio_evlisten), `trio` is the same
-  `serve_http` function on `trio.serve_tcp`, `asyncio-streams` is
-  `asyncio.start_server` with h11 and the same responses. The server's CPU
+  `serve_http` function on `trio.serve_listeners` (what `trio.serve_tcp`
+  runs), `asyncio-streams` is `asyncio.start_server` with h11, the example's
+  connection class ported step by step (benchmarks/pyservers.py). All three
+  behave alike, so the row compares listeners, not applications: an idle
+  timeout (one deadline per connection, moved before each request), a drain
+  on SIGINT/SIGTERM (idle keep-alive connections closed, the request under
+  way answered with `Connection: close`), one write per response. The
+  hidden servers `ours-bare`, `ours-no-timeout`, `ours-no-drain` and
+  `ours-split-writes` (selectable with `--servers`) leave one feature out,
+  to measure what it costs per request. The server's CPU
   time is read from /proc right before wrk starts and right after it exits
   (benchmarks/wrk.py), so CPU per request also carries the 50 connects and
   closes; requests/s and latencies are wrk's own. A socket error or a status
