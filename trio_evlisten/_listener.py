@@ -17,13 +17,14 @@ import contextlib
 import logging
 import math
 import sys
+import types
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
 import trio
 
-from ._accept import Acceptor
+from ._accept import ACCEPT_BATCH, Acceptor
 from ._backlog import accept_queue
 from ._checks import (
     check_accept_cb,
@@ -31,11 +32,13 @@ from ._checks import (
     check_max_connections,
     check_seconds,
 )
+from ._clients import ClientLimiter
 from ._connection import ConnectionRunner
 from ._fd_budget import default_max_pending, warn_if_fd_limit_below
 from ._flags import Flag
 from ._host import HandlerHost, task_name
 from ._outcome import shape
+from ._overload import LoopLag, Shedding, TokenBucket, default_burst
 from ._proxy_reader import ProxyReader, trusted_networks
 from ._state import ListenerState
 from ._stats import DrainResult, ListenerStatistics
@@ -86,6 +89,9 @@ class ConnListener:
     _runner: ConnectionRunner = attrs.field(init=False)
     _host: HandlerHost = attrs.field(init=False)
     _acceptor: Acceptor = attrs.field(init=False)
+    _shed: Shedding = attrs.field(init=False)
+    _clients: ClientLimiter | None = attrs.field(default=None, init=False)
+    _lag: LoopLag | None = attrs.field(default=None, init=False)
     _token: trio.lowlevel.TrioToken = attrs.field(
         factory=trio.lowlevel.current_trio_token, init=False
     )
@@ -99,6 +105,16 @@ class ConnListener:
                 options["proxy_timeout"],
                 sockname,
             )
+        self._shed = shed = Shedding(sockname)
+        per_client = options["max_connections_per_client"]
+        if per_client is not None:
+            self._clients = ClientLimiter(
+                per_client,
+                options["client_limit_policy"],
+                options["client_ipv6_prefix"],
+                options["client_table_size"],
+                shed,
+            )
         self._state = state = ListenerState(
             self._flags,
             self._cb,
@@ -107,16 +123,37 @@ class ConnListener:
             (),
             options["max_connections"],
             options["max_pending"] or default_max_pending(options["max_connections"]),
-            preamble=self._proxy is not None or options["ssl_context"] is not None,
+            # Counting a connection for its client is a step before the
+            # handler, as a PROXY header or a TLS handshake is.
+            preamble=self._proxy is not None
+            or options["ssl_context"] is not None
+            or self._clients is not None,
         )
+        self._throttle(state, shed)
         self._runner = runner = ConnectionRunner(
             self, state, self._flags, options, self._proxy, sockname
         )
         runner.prepare(self._lsock.std)
         self._host = host = HandlerHost(
-            state, runner, self._wake_acceptor, task_name(self._cb)
+            state,
+            runner,
+            self._wake_acceptor,
+            task_name(self._cb),
+            clients=self._clients,
+            proxied=self._proxy is not None,
         )
-        self._acceptor = Acceptor(self, self._lsock, state, host.start)
+        self._acceptor = Acceptor(self, self._lsock, state, host.start, shed=shed)
+
+    def _throttle(self, state: ListenerState, shed: Shedding) -> None:
+        """Set up ``max_loop_lag`` and ``max_accept_rate``, if given."""
+        options = self._options
+        rate, bound = options["max_accept_rate"], options["max_loop_lag"]
+        bucket = None
+        if rate is not None:
+            bucket = TokenBucket(rate, options["accept_burst"] or default_burst(rate))
+        if bound is not None:
+            self._lag = LoopLag(bound, state, self._wake_acceptor, shed, ACCEPT_BATCH)
+        state.throttle(bucket, lag=bound is not None)
 
     # ------------------------------------------------------------------
     # Public, non-blocking API
@@ -228,7 +265,33 @@ class ConnListener:
                 queue_depth=None if queue is None else queue[0],
                 queue_limit=None if queue is None else queue[1],
                 backlog=self._lsock.backlog if queue is None else queue[1],
+                **self._shed_statistics(),
             )
+
+    def _shed_statistics(self) -> dict[str, Any]:
+        """The statistics of shedding load (under the state's lock)."""
+        state, shed, lag = self._state, self._shed, self._lag
+        try:
+            now: float | None = trio.current_time()
+        except RuntimeError:
+            now = None  # another thread: no clock to read
+        bucket = state.bucket
+        return {
+            "paused_by_load": state.loaded,
+            "load_paused_seconds": 0.0
+            if lag is None
+            else lag.paused_seconds(now)
+            if now is not None
+            else lag.paused_for,
+            "loop_lag": None if lag is None else lag.lag,
+            "paused_by_rate": bucket is not None
+            and now is not None
+            and bucket.ready_at(now) > now,
+            "pauses": types.MappingProxyType(dict(shed.pauses)),
+            "refused": types.MappingProxyType(dict(shed.refused)),
+            "held": shed.held,
+            "clients": 0 if self._clients is None else len(self._clients),
+        }
 
     def enable(self) -> None:
         """Start (or resume) accepting connections (``evconnlistener_enable``).
@@ -511,6 +574,8 @@ async def run_listener(
                 listener._nursery = handler_nursery
                 listener._host.use_nursery(handler_nursery)
             await nursery.start(listener._accept)
+            if listener._lag is not None:
+                nursery.start_soon(listener._lag.run)
             try:
                 yield listener
             except BaseException as exc:

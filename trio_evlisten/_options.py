@@ -41,7 +41,16 @@ from ._checks import (
     ssl_context_or_none,
     stream_class,
 )
+from ._clients import (
+    IPV6_PREFIX,
+    TABLE_SIZE,
+    ClientPolicy,
+    client_policy,
+    ipv6_prefix,
+    table_size,
+)
 from ._flags import Flag
+from ._overload import positive_seconds_or_none, rate_or_none
 from ._proxy_reader import PROXY_TIMEOUT, Network
 from ._stream import SocketStream
 
@@ -245,6 +254,105 @@ class ListenerOptions(TypedDict, total=False):
             "proxy.",
         ),
     ]
+    # Shedding load at the door (see _overload.py and _clients.py).
+    max_loop_lag: Annotated[
+        float | None,
+        Option(
+            None,
+            positive_seconds_or_none,
+            "stop accepting while Trio's event loop runs later than this many "
+            "seconds (measured by a timer that asks to wake every 5 ms; without "
+            "this option there is no timer): connections wait in the kernel's "
+            "backlog, as at ``max_connections``, and accepting resumes once the "
+            "lag is back under half the bound. Near the bound, one connection "
+            "is accepted per wake-up. So the connections already taken stay "
+            "fast when more arrive than the program can serve. "
+            "``statistics()`` shows ``paused_by_load``, ``load_paused_seconds`` "
+            "and ``loop_lag``. Envoy's overload manager "
+            "``stop_accepting_connections`` action does this on heap or "
+            "connection pressure; nginx and HAProxy have no equivalent.",
+            Cli("SECONDS", float_or_none),
+        ),
+    ]
+    max_accept_rate: Annotated[
+        float | None,
+        Option(
+            None,
+            rate_or_none,
+            "accept at most this many connections per second, as a token "
+            "bucket holding ``accept_burst`` tokens: while it is empty the "
+            "listener does not accept (connections wait in the backlog) until "
+            "the next token. HAProxy's ``rate-limit sessions``, Envoy's "
+            "``envoy.filters.listener.local_ratelimit`` (a token bucket), "
+            "nginx's ``limit_req`` for requests.",
+            Cli("PER_SECOND", float_or_none),
+        ),
+    ]
+    accept_burst: Annotated[
+        int | None,
+        Option(
+            None,
+            check_max_connections,
+            "with ``max_accept_rate``: how many connections may be accepted at "
+            "once after a quiet spell (the bucket's size; nginx's ``burst=``, "
+            "Envoy's ``max_tokens``). ``None``: what a tenth of a second earns, "
+            "at least 1.",
+            Cli("N", int_or_none),
+        ),
+    ]
+    max_connections_per_client: Annotated[
+        int | None,
+        Option(
+            None,
+            check_max_connections,
+            "at most this many connections per client address (the one the "
+            "PROXY header names with ``proxy_protocol=True``; IPv6 grouped by "
+            "``client_ipv6_prefix``; Unix-socket peers are not counted). One "
+            "over it is refused or held, by ``client_limit_policy``. nginx's "
+            "``limit_conn`` with ``limit_conn_zone $binary_remote_addr``, "
+            "HAProxy's stick table ``conn_cur`` with ``tcp-request connection "
+            "reject``; Envoy has none.",
+            Cli("N", int_or_none),
+        ),
+    ]
+    client_limit_policy: Annotated[
+        ClientPolicy,
+        Option(
+            "refuse",
+            client_policy,
+            """over ``max_connections_per_client``: ``"refuse"`` closes the """
+            'connection at once (as nginx and HAProxy do); ``"hold"`` keeps it, '
+            "pending and holding no handler slot, until one of that client's "
+            "connections ends (at most ``max_connections_per_client`` held per "
+            "client; beyond, refused). Held connections count towards "
+            "``max_pending``.",
+            Cli("POLICY"),
+        ),
+    ]
+    client_ipv6_prefix: Annotated[
+        int,
+        Option(
+            IPV6_PREFIX,
+            ipv6_prefix,
+            "IPv6 clients are counted by this many leading bits of their "
+            "address (one host or site commonly holds a whole /64); 128 counts "
+            "each address apart. IPv4 clients are counted by address.",
+            Cli("BITS", int),
+        ),
+    ]
+    client_table_size: Annotated[
+        int,
+        Option(
+            TABLE_SIZE,
+            table_size,
+            "the most clients counted at once for ``max_connections_per_client`` "
+            "(an entry lives while its client has a connection; about 200 bytes "
+            "each, so the default bounds the table near 13 MB). A new client "
+            "finding it full is refused, as nginx does when a "
+            "``limit_conn_zone`` is exhausted.",
+            Cli("N", int),
+        ),
+    ]
 
 
 #: Each option's :class:`Option`, by name, in definition order.
@@ -306,5 +414,10 @@ def resolve(
         raise ValueError(
             "ssl_context= hands handlers a trio.SSLStream, which "
             "Flag.LEAVE_SOCKETS_BLOCKING (plain blocking sockets) excludes"
+        )
+    if resolved["accept_burst"] is not None and resolved["max_accept_rate"] is None:
+        raise ValueError(
+            f"accept_burst={resolved['accept_burst']!r} needs max_accept_rate= "
+            "(the rate that fills the bucket)"
         )
     return resolved
