@@ -122,6 +122,38 @@ async def test_a_late_loop_pauses_accepting_until_it_catches_up(
                 held.release.set()
 
 
+async def test_connections_are_let_in_at_a_pace_the_loop_keeps_up_with(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    held = Held()
+    async with open_listener(
+        held, address=LOCAL, flags=FREE, max_loop_lag=0.05
+    ) as listener:
+        await trio.testing.wait_all_tasks_blocked()
+        clients = [await open_stream_to(listener) for _ in range(5)]
+        try:
+            for c in clients:
+                await c.send_all(b"x")
+            await trio.testing.wait_all_tasks_blocked()
+            # One per tick at first: the rest wait in the kernel's queue.
+            assert len(held.at) == 1
+            mock_clock.jump(LAG_PERIOD)  # on time, allowance used: one more
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(held.at) == 3
+            mock_clock.jump(LAG_PERIOD + 0.035)  # late, if under the bound
+            await trio.testing.wait_all_tasks_blocked()
+            # Back to one per tick, without a pause.
+            assert len(held.at) == 4
+            assert listener.statistics().pauses["load"] == 0
+            mock_clock.jump(LAG_PERIOD)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(held.at) == 5
+        finally:
+            for c in clients:
+                await c.aclose()
+            held.release.set()
+
+
 async def test_a_lag_under_the_bound_does_not_pause(
     mock_clock: trio.testing.MockClock,
 ) -> None:

@@ -123,7 +123,7 @@ class Acceptor:
                     else:
                         if readable:
                             self._stopped = None
-                            self._accept_batch(state.batch or ACCEPT_BATCH)
+                            self._accept_batch(ACCEPT_BATCH)
         finally:
             self._log.flush(trio.current_time(), final="; listener closed")
             if self._shed is not None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
-from ._accept import ACCEPT_BATCH, Acceptor
+from ._accept import Acceptor
 from ._backlog import accept_queue
 from ._checks import (
     check_accept_cb,
@@ -152,7 +152,7 @@ class ConnListener:
         if rate is not None:
             bucket = TokenBucket(rate, options["accept_burst"] or default_burst(rate))
         if bound is not None:
-            self._lag = LoopLag(bound, state, self._wake_acceptor, shed, ACCEPT_BATCH)
+            self._lag = LoopLag(bound, state, self._wake_acceptor, shed)
         state.throttle(bucket, lag=bound is not None)
 
     # ------------------------------------------------------------------

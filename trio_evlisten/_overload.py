@@ -46,12 +46,15 @@ LAG_PERIOD: Final = 0.005
 #: Accepting resumes once the lag is back under this fraction of the bound
 #: (hysteresis: a loop hovering at the bound does not flap on every tick).
 RESUME_FRACTION: Final = 0.5
-#: While the lag is above the resume level (but under the bound), the accept
-#: task takes one connection per wake-up; below it, the batch doubles per
-#: tick back to the full batch. A batch of new connections is work that the
-#: monitor only sees after the fact, so it is let in by the spoonful when the
-#: loop is near its bound.
-NEAR_BATCH: Final = 1
+#: How many connections may be accepted per tick, at most and at first.
+#: Accepted connections are work the lag shows only later, once their
+#: requests arrive and run: so they are let in at a pace, a few per tick,
+#: that grows by one each tick the loop stays on time with the allowance
+#: used up, and falls back to :data:`NEAR_ALLOWANCE` as soon as the lag is
+#: above the resume level (additive increase, and back at once: TCP's
+#: congestion window, for the same reason).
+MAX_ALLOWANCE: Final = 64
+NEAR_ALLOWANCE: Final = 1
 
 #: The reasons the listener stops accepting or refuses a connection, as
 #: statistics and the log name them.
@@ -197,27 +200,28 @@ class Shedding:
 
 @attrs.define(eq=False)
 class LoopLag:
-    """Measures how late Trio runs, and says "stop accepting" above a bound.
+    """Measures how late Trio runs, and paces or stops accepting by it.
 
     A task (:meth:`run`) sleeps :data:`LAG_PERIOD` at a time; how late each
     wake-up comes is the lag. Above ``bound``, it sets the state's
-    ``loaded`` (the accept decision then answers ``LOADED``); once the lag
-    is back under :data:`RESUME_FRACTION` of the bound, it clears it and
-    wakes the accept task. Between the two, the accept task takes one
-    connection per wake-up (:data:`NEAR_BATCH`).
+    ``loaded`` (the accept decision then answers ``LOADED``) until the lag
+    is back under :data:`RESUME_FRACTION` of the bound; then it clears it
+    and wakes the accept task. Each tick it also grants the state an
+    ``allowance`` of connections until the next tick (see
+    :data:`MAX_ALLOWANCE`).
     """
 
     bound: float
     _state: ListenerState
     _wake: Callable[[], None]
     _shed: Shedding
-    #: The batch the accept task takes when the loop is on time.
-    full_batch: int
     #: The last lag measured, in seconds.
     lag: float = attrs.field(default=0.0, init=False)
     #: Seconds spent paused for load, not counting a pause going on now.
     paused_for: float = attrs.field(default=0.0, init=False)
     _since: float = attrs.field(default=math.inf, init=False)
+    # The allowance granted each tick.
+    _pace: int = attrs.field(default=NEAR_ALLOWANCE, init=False)
 
     def paused_seconds(self, now: float) -> float:
         """Seconds spent paused for load so far, a pause going on now included."""
@@ -229,8 +233,7 @@ class LoopLag:
         resume = self.bound * RESUME_FRACTION
         deadline = trio.current_time() + LAG_PERIOD
         with state.lock:
-            # Start small: the batches grow as the loop proves on time.
-            state.batch = NEAR_BATCH
+            state.allowance = self._pace
         while True:
             with trio.move_on_at(deadline):
                 # Closing ends the task at once, even on a stopped clock.
@@ -239,10 +242,15 @@ class LoopLag:
             now = trio.current_time()
             self.lag = lag = now - deadline
             deadline = now + LAG_PERIOD
-            wake = False
             with state.lock:
+                # Spent: the accept task may be parked on it.
+                wake = state.allowance == 0
+                if lag > resume:
+                    self._pace = NEAR_ALLOWANCE
+                elif wake:
+                    self._pace = min(self._pace + 1, MAX_ALLOWANCE)
+                state.allowance = self._pace
                 if lag > self.bound:
-                    state.batch = NEAR_BATCH
                     if not state.loaded:
                         state.loaded = True
                         self._since = now
@@ -251,14 +259,13 @@ class LoopLag:
                             f"the event loop ran {lag * 1e3:.0f} ms late, "
                             f"above max_loop_lag={self.bound}",
                         )
-                elif lag > resume:
-                    state.batch = NEAR_BATCH
-                else:
-                    state.batch = min((state.batch or 1) * 2, self.full_batch)
-                    if state.loaded:
-                        state.loaded = False
-                        self.paused_for += now - self._since
-                        self._since = math.inf
-                        wake = True
+                    wake = False
+                elif lag <= resume and state.loaded:
+                    state.loaded = False
+                    self.paused_for += now - self._since
+                    self._since = math.inf
+                    wake = True
+                elif state.loaded:
+                    wake = False
             if wake:
                 self._wake()

@@ -32,8 +32,10 @@ State rules, all kept here and nowhere else, and true:
                (without a preamble) ``active`` at
                ``max_connections``
   ``LOADED``   the event loop runs later than              waits to be woken
-               ``max_loop_lag`` (``loaded``, set and
-               cleared by :class:`._overload.LoopLag`)
+               ``max_loop_lag`` (``loaded``), or the
+               ``allowance`` until the monitor's next
+               tick is spent (both kept by
+               :class:`._overload.LoopLag`)
   ``RATE``     ``max_accept_rate``'s bucket is empty       waits for the next
                                                            token
                                                            (:meth:`deadline`)
@@ -143,9 +145,10 @@ class ListenerState:
     loaded: bool = attrs.field(default=False, init=False)
     #: ``max_accept_rate``'s token bucket, or None.
     bucket: TokenBucket | None = attrs.field(default=None, init=False)
-    #: How many connections the accept task takes per wake-up at most
-    #: (``None``: its own batch); the load monitor lowers it near the bound.
-    batch: int | None = attrs.field(default=None, init=False)
+    #: How many more connections may be admitted before the load
+    #: monitor's next tick (``None``: no such limit); see
+    #: :class:`._overload.LoopLag`.
+    allowance: int | None = attrs.field(default=None, init=False)
     _thread: int = attrs.field(factory=threading.get_ident, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -177,7 +180,7 @@ class ListenerState:
         if not (self.preamble or cap is None or self.active < cap):
             return Verdict.FULL
         if self.throttled:
-            if self.loaded:
+            if self.loaded or self.allowance == 0:
                 return Verdict.LOADED
             bucket = self.bucket
             if bucket is not None and bucket.ready_at(now) > now:
@@ -207,9 +210,12 @@ class ListenerState:
             self.active += 1
         self.resume_at = -math.inf
         self._fd_pause = False
-        if self.throttled and self.bucket is not None:
-            # may_accept() just filled it, at this very ``now``.
-            self.bucket.take()
+        if self.throttled:
+            if self.allowance:
+                self.allowance -= 1
+            if self.bucket is not None:
+                # may_accept() just filled it, at this very ``now``.
+                self.bucket.take()
 
     def take_slot(self, queued: int) -> bool | None:
         """A pending connection's preamble is done: may its handler start?
