@@ -263,6 +263,7 @@ TESTED_SNIPPETS = {
     "limits",
     "greeter",
     "test_greeter",
+    "overload",  # tested in test_overload.py
 }
 
 

@@ -346,8 +346,8 @@ class ListenerOptions(TypedDict, total=False):
             TABLE_SIZE,
             table_size,
             "the most clients counted at once for ``max_connections_per_client`` "
-            "(an entry lives while its client has a connection; about 200 bytes "
-            "each, so the default bounds the table near 13 MB). A new client "
+            "(an entry lives while its client has a connection; about 150 bytes "
+            "each, so the default bounds the table near 10 MB). A new client "
             "finding it full is refused, as nginx does when a "
             "``limit_conn_zone`` is exhausted.",
             Cli("N", int),
