@@ -275,9 +275,13 @@ def test_port_in_use_exits_1_with_a_clear_message() -> None:
         )
     assert result.returncode == 1
     assert result.stdout == ""
+    # The address is named once (by the library), with what holds it.
     assert result.stderr == (
         f"{PROG} echo: error: cannot listen on 127.0.0.1:{port}: "
-        "Address already in use\n"
+        "Address already in use; another socket holds it: a server listening "
+        "there, or connections of one that stopped (TIME_WAIT, a minute or so); "
+        "stop that server or wait, or choose another port (port 0 lets the "
+        "system pick a free one)\n"
     )
 
 

@@ -16,6 +16,8 @@ import importlib.util
 import logging
 import math
 import re
+import socket
+import ssl
 import subprocess
 import sys
 from contextlib import asynccontextmanager
@@ -25,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 import trio.testing
+import trustme
 
 import trio_evlisten
 import trio_evlisten._open
-from tests.conftest import recv_exactly
+from tests.conftest import LineReader, recv_exactly
 from trio_evlisten import ConnListener, Flag
 from trio_evlisten.testing import open_stream_to
 
@@ -263,6 +266,9 @@ TESTED_SNIPPETS = {
     "limits",
     "greeter",
     "test_greeter",
+    "chat",
+    "tls_server",
+    "test_tls_server",
     "overload",  # tested in test_overload.py
 }
 
@@ -301,8 +307,13 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(name: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Served]:
-    """Run snippet ``name``'s ``main()`` on 127.0.0.1:0 until the block ends."""
+async def serving(
+    name: str, monkeypatch: pytest.MonkeyPatch, **settings: object
+) -> AsyncIterator[Served]:
+    """Run snippet ``name``'s ``main()`` on 127.0.0.1:0 until the block ends.
+
+    ``settings`` replace more of the module's constants (``CERTFILE=...``).
+    """
     send, receive = trio.open_memory_channel[ConnListener](math.inf)
     wrapper = reporting_open_listener(send)
     # Both the public name (what snippets import) and the one serve_listener
@@ -312,6 +323,8 @@ async def serving(name: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[S
     module = load(name)
     monkeypatch.setattr(module, "HOST", "127.0.0.1")
     monkeypatch.setattr(module, "PORT", 0)
+    for setting, value in settings.items():
+        monkeypatch.setattr(module, setting, value)
     done = trio.Event()
 
     async def run_main() -> None:
@@ -553,6 +566,99 @@ async def test_limits_caps_raises_the_cap_then_cancels_blocked_reads(
     assert ends == b""
 
 
+def name_of(client: trio.SocketStream) -> bytes:
+    """How the chat snippet names ``client``: its address, as the server sees it."""
+    host, port = client.socket.getsockname()[:2]
+    return f"{host}:{port}".encode()
+
+
+async def test_chat_sends_each_line_to_every_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with trio.fail_after(10):
+        async with (
+            serving("chat", monkeypatch) as served,
+            await open_stream_to(served.listener) as a,
+        ):
+            a_lines, a_name = LineReader(a), name_of(a)
+            assert await a_lines.readline() == a_name + b" joined"
+            async with await open_stream_to(served.listener) as b:
+                b_lines, b_name = LineReader(b), name_of(b)
+                for lines in (a_lines, b_lines):
+                    assert await lines.readline() == b_name + b" joined"
+                await a.send_all(b"hello\n")
+                # A line in pieces is sent once whole; two lines in one piece
+                # are two lines.
+                await b.send_all(b"hi ")
+                await trio.testing.wait_all_tasks_blocked()
+                await b.send_all(b"there\nhow are\nyou?\n")
+                for lines in (a_lines, b_lines):
+                    assert await lines.readline() == a_name + b": hello"
+                    assert await lines.readline() == b_name + b": hi there"
+                    assert await lines.readline() == b_name + b": how are"
+                    assert await lines.readline() == b_name + b": you?"
+            assert await a_lines.readline() == b_name + b" left"
+            assert served.listener.statistics().active == 1
+
+
+async def test_chat_drops_a_client_that_does_not_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The queue is what keeps one stuck client from holding up the room."""
+    with trio.fail_after(20):
+        async with serving("chat", monkeypatch) as served:
+            monkeypatch.setattr(served.module, "QUEUE_SIZE", 4)
+            listener = served.listener
+            with trio.socket.socket() as stuck:
+                # Small buffers, so the server's send to it blocks soon.
+                stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                await stuck.connect(("127.0.0.1", listener.port))
+                stuck_name = "{}:{}".format(*stuck.getsockname()).encode()
+                async with await open_stream_to(listener) as fast:
+                    lines, fast_name = LineReader(fast), name_of(fast)
+                    assert await lines.readline() == fast_name + b" joined"
+                    line = b"x" * 4000
+                    others = []
+                    # Each line goes to both; the fast client reads its copy
+                    # before sending the next, the stuck one never reads.
+                    for _ in range(10_000):
+                        await fast.send_all(line + b"\n")
+                        while (
+                            got := await lines.readline()
+                        ) != fast_name + b": " + line:
+                            others.append(got)
+                        if others:
+                            break
+                    assert others == [stuck_name + b" left"]
+                    assert listener.statistics().active == 1
+                # The stuck client's connection was closed: what was sent
+                # before it was dropped is there, then EOF.
+                while await stuck.recv(1 << 20):
+                    pass
+
+
+async def test_tls_server_serves_with_the_certificate_files(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    ca: trustme.CA,
+    client_ctx: ssl.SSLContext,
+) -> None:
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "fullchain.pem", tmp_path / "privkey.pem"
+    certfile.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    with trio.fail_after(10):
+        async with serving(
+            "tls_server", monkeypatch, CERTFILE=str(certfile), KEYFILE=str(keyfile)
+        ) as served:
+            client = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", served.listener.port, ssl_context=client_ctx
+            )
+            async with client:
+                await client.send_all(b"over TLS")
+                assert await recv_exactly(client, 8) == b"over TLS"
+
+
 def run_pytest(folder: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
@@ -577,6 +683,66 @@ def test_the_user_test_module_runs_as_the_tutorial_sets_it_up(tmp_path: Path) ->
     result = run_pytest(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^4 passed", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_the_tls_test_module_runs_as_the_tutorial_sets_it_up(tmp_path: Path) -> None:
+    for name in ("tls_server.py", "test_tls_server.py"):
+        (tmp_path / name).write_text((SNIPPETS / name).read_text())
+    config = (SNIPPETS / "pytest_trio_mode.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(config)
+    result = run_pytest(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^2 passed", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_the_tutorial_shows_tls_and_a_broadcast() -> None:
+    tutorial = (DOCS / "tutorial.rst").read_text()
+    shown = {p.name for p in included_files(DOCS / "tutorial.rst")}
+    assert {"tls_server.py", "test_tls_server.py", "chat.py"} <= shown
+    for words in (
+        "ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)",
+        "load_cert_chain",
+        "trustme",
+        "openssl s_client -connect 127.0.0.1:",
+        "examples/tls_echo.py",
+        ":exc:`trio.BusyResourceError`",
+    ):
+        assert words in tutorial, words
+
+
+_RATIO = re.compile(r"(?<![\w.])\d+\.\d+x\b|about half|two thirds")
+
+
+def test_speed_ratios_are_only_on_the_benchmarks_page() -> None:
+    # Prose that repeats a measured ratio goes stale when the benchmark is
+    # rerun (the stream's cost once read "about half" here, "0.6x" there):
+    # it points at docs/benchmarks.md, which the benchmark regenerates.
+    package = DOCS.parent / "trio_evlisten"
+    texts = [DOCS.parent / "README.md", *pages(), *sorted(package.glob("*.py"))]
+    for path in texts:
+        if path.name == "benchmarks.md":
+            continue
+        for line in path.read_text().splitlines():
+            assert not _RATIO.search(line), f"{path.name}: {line.strip()}"
+
+
+def test_the_drain_steps_are_in_the_order_drain_takes_them() -> None:
+    tutorial = (DOCS / "tutorial.rst").read_text()
+    steps = tutorial[tutorial.index("**A drain.**") :]
+    steps = steps[: steps.index("It returns a")]
+    order = [
+        "it sets :attr:`~trio_evlisten.ConnListener.draining`",
+        "it accepts the connections the kernel had already queued",
+        "it stops accepting",
+        "it waits until ``grace`` seconds after the drain began",
+        "it cancels the handlers still running",
+    ]
+    found = [steps.find(step) for step in order]
+    assert -1 not in found, dict(zip(order, found, strict=True))
+    assert found == sorted(found)
+    contract = (DOCS / "contract.md").read_text()
+    lifetime = contract[contract.index("## Lifetime") :].split("\n- ")[1]
+    assert lifetime.index("queued") < lifetime.index("stops accepting")
 
 
 def test_the_tutorial_shows_testing_drain_and_limits() -> None:

@@ -1,33 +1,43 @@
-"""The echo example behaves as the chapter's C example does."""
+"""The echo examples: echo.py behaves as the chapter's C example does, and
+tls_echo.py is the same over TLS, as ``openssl s_client`` and Python's
+``ssl`` client see it."""
 
 from __future__ import annotations
 
 import errno
 import importlib.util
+import os
+import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
+import attrs
 import pytest
 import trio
+import trustme
 
 from tests.conftest import recv_exactly
 from trio_evlisten import Flag, open_listener
 from trio_evlisten.testing import ScriptedSocket, open_stream_to
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
 
-ECHO = Path(__file__).resolve().parent.parent / "examples" / "echo.py"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ECHO = EXAMPLES / "echo.py"
+TLS_ECHO = EXAMPLES / "tls_echo.py"
 
 
-def load_echo() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("echo_example", ECHO)
+def load_echo(path: Path = ECHO) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_example", path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -82,12 +92,16 @@ def stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
 
 def start_echo(
     pick_port: Callable[[], int] = free_port,
+    args: Sequence[str] = (str(ECHO),),
+    banner: str = "Echo server listening on 0.0.0.0:{port}\n",
 ) -> tuple[subprocess.Popen[str], int]:
-    """Start the example on a port from ``pick_port``, once it listens.
+    """Start an echo example on a port from ``pick_port``, once it listens.
 
-    A port taken between the probe and the example's bind makes the example
-    exit with "Address already in use": then it is started again on another
-    port, up to ``MAX_STARTS`` times.
+    ``args`` is the example and the arguments before the port; it listens
+    once it prints ``banner`` for the port. A port taken between the probe
+    and the example's bind makes the example exit with "Address already in
+    use": then it is started again on another port, up to ``MAX_STARTS``
+    times.
 
     Resource handling:
         The returned process is the caller's to ``stop``; one that did not
@@ -97,14 +111,14 @@ def start_echo(
     for _ in range(MAX_STARTS):
         port = pick_port()
         proc = subprocess.Popen(
-            [sys.executable, str(ECHO), str(port)],
+            [sys.executable, *args, str(port)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        if line == f"Echo server listening on 0.0.0.0:{port}\n":
+        if line == banner.format(port=port):
             return proc, port
         out, err = stop(proc)
         if "Address already in use" not in err:
@@ -291,3 +305,148 @@ async def test_error_callback_prints_and_stops(
         f"Got an error {errno.EBADF} (Bad file descriptor) on the listener. "
         "Shutting down.\n"
     )
+
+
+# ----------------------------------------------------------------------
+# tls_echo.py: the same server over TLS
+
+
+@attrs.frozen
+class TLSFiles:
+    """What ``python -m trustme`` writes: the server's chain and key, the CA."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@pytest.fixture
+def tls_files(ca: trustme.CA, tmp_path: Path) -> TLSFiles:
+    files = TLSFiles(
+        tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "ca.pem"
+    )
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files.cert.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(files.key))
+    ca.cert_pem.write_to_path(str(files.ca))
+    return files
+
+
+@pytest.fixture
+def tls_echo_server(tls_files: TLSFiles) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """tls_echo.py on a free port, with a certificate from the test CA."""
+    proc, port = start_echo(
+        args=(str(TLS_ECHO), str(tls_files.cert), str(tls_files.key)),
+        banner="TLS echo server listening on 0.0.0.0:{port}\n",
+    )
+    try:
+        yield proc, port
+    finally:
+        stop(proc)
+
+
+def test_tls_echo_echoes_to_pythons_ssl_client_and_stops_quietly(
+    tls_echo_server: tuple[subprocess.Popen[str], int], client_ctx: ssl.SSLContext
+) -> None:
+    proc, port = tls_echo_server
+    payload = b"over TLS\n" * 2000
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        tls.sendall(payload)
+        got = b""
+        while len(got) < len(payload) and (chunk := tls.recv(65536)):
+            got += chunk
+        assert got == payload
+    out, err = stop(proc)
+    assert proc.returncode == 0
+    assert (out, err) == ("", "")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_openssl_s_client_gets_its_line_back(
+    tls_echo_server: tuple[subprocess.Popen[str], int], tls_files: TLSFiles
+) -> None:
+    """As the example's header says to poke at it."""
+    _, port = tls_echo_server
+    argv = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}"]
+    argv += ["-CAfile", str(tls_files.ca), "-verify_return_error"]
+    # s_client hangs up when its input ends, maybe before the echo is back:
+    # so its input stays open until the line has come back.
+    with subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as client:
+        assert client.stdin is not None
+        assert client.stdout is not None
+        try:
+            client.stdin.write(b"hello over TLS\n")
+            client.stdin.flush()
+            seen = read_until(client.stdout, b"hello over TLS\n", timeout=20)
+        finally:
+            client.kill()
+            client.communicate()
+    assert b"Verify return code: 0 (ok)" in seen
+    assert seen.endswith(b"hello over TLS\n")
+
+
+def read_until(pipe: IO[bytes], wanted: bytes, timeout: float) -> bytes:
+    """What ``pipe`` gives until it ends with ``wanted`` (AssertionError at
+    EOF, or after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while not seen.endswith(wanted):
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([pipe], [], [], max(left, 0))
+        assert ready, f"no {wanted!r} after {timeout} s: {seen!r}"
+        chunk = os.read(pipe.fileno(), 65536)
+        assert chunk, f"EOF before {wanted!r}: {seen!r}"
+        seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("args", [[], ["c.pem", "k.pem", "0"], ["c.pem", "k.pem", "x"]])
+def test_tls_echo_refuses_a_bad_command_line(args: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, str(TLS_ECHO), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: tls_echo.py [-h] certfile keyfile [port]")
+
+
+def test_tls_echo_reports_a_certificate_it_cannot_load(
+    tmp_path: Path, tls_files: TLSFiles
+) -> None:
+    for cert, key in (
+        (tmp_path / "missing.pem", tls_files.key),
+        (tls_files.key, tls_files.key),
+    ):
+        result = subprocess.run(
+            [sys.executable, str(TLS_ECHO), str(cert), str(key)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 1
+        assert result.stderr.startswith("Couldn't load the certificate:")
+
+
+def test_tls_echo_parses_the_port() -> None:
+    tls_echo = load_echo(TLS_ECHO)
+    assert tls_echo.parse_args(["c", "k"]).port == 9876
+    assert tls_echo.parse_args(["c", "k", "65535"]).port == 65535
+
+
+def test_every_example_is_listed_in_the_readme_and_run_by_a_test() -> None:
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    tests = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    examples = sorted(p.name for p in EXAMPLES.glob("*.py"))
+    assert "tls_echo.py" in examples
+    for name in examples:
+        assert f"`examples/{name}`" in readme, name
+        assert f'"{name}"' in tests, name  # the path a test runs

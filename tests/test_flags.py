@@ -124,6 +124,7 @@ async def test_zero_flags_as_int() -> None:
             echo_handler, address=("127.0.0.1", 0), flags=0
         ) as listener:
             assert listener.flags == Flag(0)
-        # No CLOSE_ON_FREE: the socket is still open and ours to close.
-        assert listener.socket.fileno() != -1
-        listener.socket.close()
+            # No CLOSE_ON_FREE: the socket outlives the block, ours to close.
+            sock = listener.socket
+        assert sock.fileno() != -1
+        sock.close()

@@ -326,6 +326,8 @@ async def test_close_inside_the_callback_serves_that_connection_only() -> None:
                 open_listener(cb, address=LOCAL) as listener,
                 await open_stream_to(listener) as first,
             ):
+                # Taken (it outlives the block), so closing it is ours: below.
+                _ = listener.socket
                 await closed_in_handler.wait()
                 assert listener.closed
                 async with (

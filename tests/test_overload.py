@@ -256,7 +256,11 @@ def test_token_bucket_refills_up_to_its_burst() -> None:
         ({"max_accept_rate": "fast"}, TypeError, "max_accept_rate must be None"),
         ({"max_loop_lag": 0}, ValueError, "max_loop_lag must be None or seconds > 0"),
         ({"max_loop_lag": float("nan")}, ValueError, "max_loop_lag"),
-        ({"accept_burst": 5}, ValueError, "accept_burst=5 needs max_accept_rate"),
+        (
+            {"accept_burst": 5},
+            ValueError,
+            "accept_burst=5 is the size of max_accept_rate",
+        ),
         (
             {"max_accept_rate": 5, "accept_burst": 0},
             ValueError,
@@ -266,6 +270,16 @@ def test_token_bucket_refills_up_to_its_burst() -> None:
         ({"client_limit_policy": "drop"}, ValueError, "'refuse' or 'hold'"),
         ({"client_ipv6_prefix": 129}, ValueError, "prefix length 0..128"),
         ({"client_table_size": 0}, ValueError, "client_table_size must be >= 1"),
+        (
+            {"client_limit_policy": "hold"},
+            ValueError,
+            "client_limit_policy= applies to max_connections_per_client=",
+        ),
+        (
+            {"client_ipv6_prefix": 48},
+            ValueError,
+            "client_ipv6_prefix= applies to max_connections_per_client=",
+        ),
     ],
 )
 async def test_bad_values_are_refused(
@@ -278,6 +292,19 @@ async def test_bad_values_are_refused(
 
 # ----------------------------------------------------------------------
 # max_connections_per_client
+
+
+async def test_max_pending_bounds_connections_held_for_their_client() -> None:
+    # Held connections pend, so max_pending applies (and is not refused as
+    # an option that cannot apply).
+    async with open_listener(
+        echo_handler,
+        address=LOCAL,
+        flags=FREE,
+        max_connections_per_client=2,
+        max_pending=5,
+    ) as listener:
+        assert listener.statistics().max_pending == 5
 
 
 def test_client_keys_group_ipv6_by_prefix() -> None:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import trio_evlisten._proxy_reader
 from tests.conftest import recv_exactly
+from tests.test_tls import alive, cyclic_gc_disabled, server_end
 from trio_evlisten import ConnListener, Flag, open_listener
 from trio_evlisten._proxy import (
     V1_MAX,
@@ -732,6 +733,64 @@ async def test_header_comes_before_the_tls_handshake() -> None:
             await tls.send_all(b"secret")
             assert await recv_exactly(tls, 6) == b"secret"
     assert seen == [(("192.0.2.1", 56324), b"secret", True)]
+
+
+# ----------------------------------------------------------------------
+# What a connection leaves behind: nothing the cyclic GC must find
+
+
+@pytest.mark.parametrize(
+    "client_sends", [b"", b"PROXY TCP4 ", b"GET / HTTP/1.0\r\n\r\n"]
+)
+async def test_rejected_header_is_freed_by_reference_counting(
+    client_sends: bytes, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Nothing or a partial header: it times out; garbage: rejected at once.
+    with trio.fail_after(60), cyclic_gc_disabled():
+        async with proxy_server(proxy_timeout=7.5) as (listener, _):
+            async with await connect(listener) as client:
+                await trio.testing.wait_all_tasks_blocked()
+                refs = server_end(client)
+                assert alive(refs) == ["socket"]
+                await client.send_all(client_sends)
+                await closed_by_server(client)
+            await trio.testing.wait_all_tasks_blocked()
+            assert listener.statistics().proxy_rejected == 1
+            assert alive(refs) == []
+
+
+async def test_served_proxied_connection_is_freed_by_reference_counting() -> None:
+    with trio.fail_after(10), cyclic_gc_disabled():
+        async with proxy_server() as (listener, seen):
+            async with await connect(listener) as client:
+                await trio.testing.wait_all_tasks_blocked()
+                refs = server_end(client)
+                assert alive(refs) == ["socket"]
+                assert await exchange(client, TCP4_V1, b"ok") == b"ok"
+            assert await seen.receive() == (("192.0.2.1", 56324), b"ok")
+            await trio.testing.wait_all_tasks_blocked()
+            assert listener.statistics().active == 0
+            assert alive(refs) == []
+
+
+async def test_handshake_timing_out_after_a_header_is_freed_by_reference_counting(
+    server_ctx: ssl.SSLContext, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(60), cyclic_gc_disabled():
+        async with proxy_server(ssl_context=server_ctx, tls_handshake_timeout=3) as (
+            listener,
+            _,
+        ):
+            async with await connect(listener) as client:
+                await client.send_all(TCP4_V1)
+                await trio.testing.wait_all_tasks_blocked()
+                refs = server_end(client)
+                assert alive(refs) == ["SSLObject", "SSLStream", "socket"]
+                await closed_by_server(client)
+            await trio.testing.wait_all_tasks_blocked()
+            stats = listener.statistics()
+            assert (stats.proxy_rejected, stats.tls_failures) == (0, 1)
+            assert alive(refs) == []
 
 
 # ----------------------------------------------------------------------

@@ -11,11 +11,12 @@ import fcntl
 import functools
 import os
 import pathlib
+import re
 import signal
 import socket
 import struct
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 import trio
@@ -205,28 +206,112 @@ async def test_unix_path_without_close_on_free_stays_open(
     with trio.fail_after(10):
         async with open_listener(echo_handler, address=path) as listener:
             await assert_echoes(listener, b"x")
+            # Taken: it outlives the block, and closing it is ours.
+            sock = listener.socket
         try:
             assert listener.closed
-            assert listener.socket.fileno() != -1
-            assert listener.fd == listener.socket.fileno()
+            assert sock.fileno() != -1
+            assert listener.fd == sock.fileno()
             assert path.is_socket()
             # Still listening: the kernel queues a new client.
-            assert listener.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
         finally:
-            listener.socket.close()
+            sock.close()
 
 
 async def test_ipv4_without_close_on_free_leaves_the_socket_open() -> None:
     with trio.fail_after(10):
         async with open_listener(echo_handler, address=("127.0.0.1", 0)) as listener:
             await assert_echoes(listener)
+            fd = listener.fd  # taken, as an fd: ours to close
         try:
             assert listener.closed
-            assert listener.socket.fileno() != -1
+            assert fd_is_open(fd)
             assert listener.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
             assert listener.socket.getsockname() == listener.sockname
         finally:
             listener.socket.close()
+
+
+# ----------------------------------------------------------------------
+# A socket left listening with nobody to accept is a ResourceWarning
+
+
+LEFT_LISTENING = (
+    r"^the listener on {} was opened without Flag\.CLOSE_ON_FREE, so the socket "
+    r"it bound still listens after the block, with nobody to accept: clients "
+    r"that connect now wait\. Pass Flag\.CLOSE_ON_FREE to close it with the "
+    r"listener, or take it inside the block \(listener\.socket or listener\.fd\) "
+    r"and close it yourself$"
+)
+
+
+async def test_a_bound_socket_never_taken_warns_when_the_block_ends() -> None:
+    with trio.fail_after(10):
+        with pytest.warns(ResourceWarning) as record:
+            async with open_listener(echo_handler, address=("127.0.0.1", 0)) as lst:
+                await assert_echoes(lst)
+        try:
+            [warning] = record
+            where = re.escape(f"127.0.0.1:{lst.port}")
+            assert re.match(LEFT_LISTENING.format(where), str(warning.message))
+            # It points at the caller's line, the async with above.
+            assert warning.filename == __file__
+            # And it is true: a client connects, and nobody accepts it.
+            async with await open_stream_to(lst) as client:
+                await client.send_all(b"anyone?")
+                with trio.move_on_after(0.05):
+                    await client.receive_some(1)
+                    pytest.fail("nobody should answer")  # pragma: no cover
+        finally:
+            lst.socket.close()
+
+
+async def test_a_bound_unix_socket_never_taken_warns_too(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "w.sock"
+    with trio.fail_after(10):
+        with pytest.warns(ResourceWarning) as record:
+            async with open_listener(echo_handler, address=path) as lst:
+                pass
+        lst.socket.close()
+    [warning] = record
+    assert re.match(
+        LEFT_LISTENING.format(re.escape(repr(str(path)))), str(warning.message)
+    )
+
+
+@pytest.mark.parametrize("take", ["socket", "fd"])
+async def test_a_socket_taken_in_the_block_does_not_warn(take: str) -> None:
+    # Warnings are errors in this suite: reaching the end is the test.
+    with trio.fail_after(10):
+        async with open_listener(echo_handler, address=("127.0.0.1", 0)) as lst:
+            getattr(lst, take)
+        assert lst.socket.fileno() != -1
+        lst.socket.close()
+
+
+async def test_nothing_left_listening_does_not_warn(
+    listening_socket: socket.socket,
+) -> None:
+    with trio.fail_after(10):
+        # CLOSE_ON_FREE closed it.
+        async with open_listener(
+            echo_handler, address=("127.0.0.1", 0), flags=Flag.CLOSE_ON_FREE
+        ):
+            pass
+        # A socket given in sock= was never ours.
+        async with open_listener(echo_handler, sock=listening_socket, backlog=0):
+            pass
+
+
+async def test_a_block_that_raises_does_not_warn_over_its_exception() -> None:
+    # A warning turned error (as here) would replace the block's exception.
+    with trio.fail_after(10), pytest.raises(KeyError):
+        async with open_listener(echo_handler, address=("127.0.0.1", 0)) as lst:
+            raise KeyError("the block's own")
+    lst.socket.close()
 
 
 # ----------------------------------------------------------------------
@@ -1075,3 +1160,166 @@ async def test_listening_socket_is_nonblocking_with_an_int_fd() -> None:
                 await assert_echoes(listener)
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------
+# Errors binding an address name it, and say what holds it
+
+
+async def bind_error(address: object, flags: Flag = Flag.CLOSE_ON_FREE) -> OSError:
+    """The OSError open_listener raises binding ``address``, checked for shape.
+
+    Same errno and class as the kernel's (its error is chained), and the
+    message names the address once, then gives the kernel's words.
+    """
+    where = (
+        f"{address[0]}:{address[1]}"
+        if isinstance(address, tuple)
+        else repr(os.fspath(address))  # type: ignore[call-overload]
+    )
+    with trio.fail_after(10), pytest.raises(OSError, match="cannot listen on ") as info:
+        async with open_listener(echo_handler, address=address, flags=flags):  # type: ignore[arg-type]
+            pytest.fail("the block must not run")  # pragma: no cover
+    error, cause = info.value, info.value.__cause__
+    assert isinstance(cause, OSError)
+    assert type(error) is type(cause)
+    assert error.errno == cause.errno
+    assert error.strerror is not None
+    assert error.strerror.startswith(f"cannot listen on {where}: {cause.strerror}")
+    assert error.strerror.count(where) == 1 or "os.unlink" in error.strerror
+    return error
+
+
+async def test_a_tcp_port_in_use_names_the_address_and_keeps_the_errno() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        error = await bind_error(("127.0.0.1", port))
+        assert error.errno == errno.EADDRINUSE
+        assert str(error) == (
+            f"[Errno {errno.EADDRINUSE}] cannot listen on 127.0.0.1:{port}: "
+            "Address already in use; another socket holds it: a server listening "
+            "there, or connections of one that stopped (TIME_WAIT, a minute or "
+            "so); stop that server or wait, or choose another port (port 0 lets "
+            "the system pick a free one)"
+        )
+        # The listener on it did not set SO_REUSEPORT: that flag would not help.
+        assert "REUSEABLE_PORT" not in str(error)
+
+
+@requires_reuseport
+async def test_a_port_shared_with_so_reuseport_hints_at_reuseable_port() -> None:
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        error = await bind_error(("127.0.0.1", port))
+        assert error.errno == errno.EADDRINUSE
+        assert "the socket listening there set SO_REUSEPORT: with " in str(error)
+        assert "Flag.REUSEABLE_PORT this one would listen beside it" in str(error)
+        # And it is true: with the flag it binds.
+        async with open_listener(
+            echo_handler,
+            address=("127.0.0.1", port),
+            flags=Flag.CLOSE_ON_FREE | Flag.REUSEABLE_PORT,
+        ):
+            pass
+
+
+async def test_a_port_held_by_time_wait_hints_at_reuseable() -> None:
+    # The side that closes first keeps its address in TIME_WAIT: here the
+    # server's, as when a server stops with clients connected.
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()
+            assert client.recv(1) == b""
+    error = await bind_error(("127.0.0.1", port), Flag.CLOSE_ON_FREE)
+    assert error.errno == errno.EADDRINUSE
+    assert "(TIME_WAIT): Flag.REUSEABLE (SO_REUSEADDR) lets a restarted" in str(error)
+    async with open_listener(
+        echo_handler,
+        address=("127.0.0.1", port),
+        flags=Flag.CLOSE_ON_FREE | Flag.REUSEABLE,
+    ):
+        pass
+
+
+async def test_a_stale_unix_socket_file_is_named_and_left_in_place(
+    tmp_path: pathlib.Path,
+) -> None:
+    # What a process that died leaves: a socket file nobody listens on.
+    path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))
+    error = await bind_error(path)
+    assert error.errno == errno.EADDRINUSE
+    assert str(error) == (
+        f"[Errno {errno.EADDRINUSE}] cannot listen on {str(path)!r}: Address "
+        "already in use; no process listens on that socket file: it may be left "
+        "from a process that died (or from a listener opened without "
+        "Flag.CLOSE_ON_FREE); if no server uses it, remove it "
+        f"(os.unlink({str(path)!r}), or rm) and try again"
+    )
+    assert path.is_socket()  # nothing removed on our behalf
+    path.unlink()
+    async with open_listener(echo_handler, address=path, flags=Flag.CLOSE_ON_FREE):
+        pass
+
+
+async def test_a_unix_socket_someone_listens_on_is_not_called_stale(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "live.sock"
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen()
+        error = await bind_error(path)
+        assert "; a process is listening on it: stop that server" in str(error)
+        assert "remove" not in str(error)
+    assert path.is_socket()
+
+
+async def test_a_regular_file_or_directory_at_the_path_is_named(
+    tmp_path: pathlib.Path,
+) -> None:
+    regular = tmp_path / "data.txt"
+    regular.write_text("keep me")
+    error = await bind_error(regular)
+    assert error.errno == errno.EADDRINUSE
+    assert "; it is a regular file, not a socket: choose another path" in str(error)
+    assert regular.read_text() == "keep me"
+    error = await bind_error(tmp_path)
+    assert error.errno == errno.EADDRINUSE
+    assert "; it is a directory: give a path for the socket file inside it, like " + (
+        repr(str(tmp_path / "server.sock"))
+    ) in str(error)
+
+
+async def test_any_bind_error_names_the_address(tmp_path: pathlib.Path) -> None:
+    error = await bind_error(tmp_path / "no" / "such.sock")
+    assert isinstance(error, FileNotFoundError)
+    assert error.errno == errno.ENOENT
+
+
+async def test_a_host_that_does_not_resolve_is_named() -> None:
+    class Unresolvable(trio.abc.HostnameResolver):
+        async def getaddrinfo(self, *args: object) -> NoReturn:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        async def getnameinfo(self, *args: object) -> NoReturn:
+            raise NotImplementedError  # pragma: no cover
+
+    previous = trio.socket.set_custom_hostname_resolver(Unresolvable())
+    try:
+        error = await bind_error(("nosuch.invalid", 8080))
+    finally:
+        trio.socket.set_custom_hostname_resolver(previous)
+    assert isinstance(error, socket.gaierror)
+    assert error.errno == socket.EAI_NONAME

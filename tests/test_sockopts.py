@@ -236,6 +236,24 @@ async def test_reuseable_on_a_unix_socket_is_refused(tmp_path: pathlib.Path) -> 
                 pass  # pragma: no cover
 
 
+async def test_deferred_accept_on_a_unix_socket_is_refused(
+    tmp_path: pathlib.Path,
+) -> None:
+    # It was silently dropped; libevent's bind fails on it (setsockopt
+    # TCP_DEFER_ACCEPT on a Unix socket), and it could never apply there.
+    path = tmp_path / "d.sock"
+    with pytest.raises(ValueError, match=r"Flag\.DEFERRED_ACCEPT is for TCP"):
+        async with open_listener(None, address=path, flags=Flag.DEFERRED_ACCEPT):
+            pass  # pragma: no cover
+    assert not path.exists()
+    with socket.socket(socket.AF_UNIX) as usock:
+        usock.bind(str(path))
+        with pytest.raises(ValueError, match=r"Flag\.DEFERRED_ACCEPT"):
+            async with open_listener(None, sock=usock, flags=Flag.DEFERRED_ACCEPT):
+                pass  # pragma: no cover
+        assert usock.fileno() != -1
+
+
 @pytest.mark.parametrize(
     ("address", "suggestion"),
     [

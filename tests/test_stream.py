@@ -218,11 +218,13 @@ receivers = pytest.mark.parametrize("receive", RECEIVERS.values(), ids=RECEIVERS
 
 
 async def test_rejects_what_is_not_a_stdlib_stream_socket() -> None:
-    with (
-        socket.socket(type=socket.SOCK_DGRAM) as dgram,
-        pytest.raises(TypeError, match=r"SOCK_STREAM socket, not <socket"),
-    ):
-        SocketStream(dgram)
+    # A socket of the wrong kind is a bad value (ValueError, as trio's
+    # SocketStream raises); anything but a socket.socket is a bad type.
+    with socket.socket(type=socket.SOCK_DGRAM) as dgram:
+        with pytest.raises(ValueError, match=r"SOCK_STREAM socket, not <socket"):
+            SocketStream(dgram)
+        with pytest.raises(ValueError, match="SOCK_STREAM"):
+            trio.SocketStream(trio.socket.from_stdlib_socket(dgram))
     a, b = trio.socket.socketpair()
     with a, b, pytest.raises(TypeError, match=r"socket\.socket, not <trio\.socket"):
         SocketStream(a)  # type: ignore[arg-type]
@@ -283,6 +285,22 @@ async def test_async_for_receives_until_eof() -> None:
             assert b"".join(got) == b"one"
             with pytest.raises(StopAsyncIteration):  # and stays stopped
                 await c.stream.__anext__()
+
+
+async def test_async_for_waits_in_its_own_frame() -> None:
+    """``__anext__`` is receive_some's body again, not a call to it.
+
+    The copy kept in _stream.py: a connection idling in ``async for`` keeps
+    one coroutine frame fewer alive (see the comment above ``__anext__``).
+    """
+    with trio.fail_after(5):
+        async with connected() as c, trio.open_nursery() as nursery:
+            nursery.start_soon(c.stream.__anext__)
+            await trio.testing.wait_all_tasks_blocked()
+            (task,) = nursery.child_tasks
+            names = [frame.f_code.co_name for frame, _ in task.iter_await_frames()]
+            assert names[:2] == ["__anext__", "wait_readable"], names
+            nursery.cancel_scope.cancel()
 
 
 async def test_send_all_in_a_cancelled_scope_raises_and_sends_nothing() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import signal
@@ -9,16 +11,19 @@ import subprocess
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pytest
 import trio
+import trio.testing
 
+import trio_evlisten._supervisor
 from tests.conftest import recv_exactly
+from trio_evlisten._supervisor import Supervisor
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -56,14 +61,21 @@ class Log:
 
 
 @asynccontextmanager
-async def supervisor(*args: str) -> AsyncIterator[tuple[trio.Process, Log]]:
-    """Run the supervisor; on the way out, make sure it (and so its workers) ended."""
+async def supervisor(
+    *args: str, new_session: bool = False
+) -> AsyncIterator[tuple[trio.Process, Log]]:
+    """Run the supervisor; on the way out, make sure it (and so its workers) ended.
+
+    ``new_session``: in a process group of its own, as a shell starts a job
+    (``os.killpg`` then does what Ctrl-C in a terminal does).
+    """
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "trio_evlisten.workers", *args],
         stderr=subprocess.PIPE,
         cwd=str(ROOT),
         env=env,
+        start_new_session=new_session,
     )
     log = Log()
     try:
@@ -126,6 +138,57 @@ def gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def workers_of(supervisor_pid: int) -> list[int]:
+    """The live processes started as workers of ``supervisor_pid``, from /proc."""
+    mark = f"--worker-of\0{supervisor_pid}\0".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        # Not a process, or one gone meanwhile: OSError.
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
+            if mark in f.read():
+                pids.append(int(entry))
+    return pids
+
+
+#: When to stop the supervisor, after it logged its start (the package is
+#: imported then): while its workers are being started or are starting.
+#: ("Ctrl-C" is SIGINT to the whole process group, as a terminal sends it.)
+STOPS = [
+    ("SIGINT", 0.0),
+    ("SIGTERM", 0.02),
+    ("Ctrl-C", 0.05),
+    ("SIGINT", 0.1),
+    ("SIGTERM", 0.2),
+    ("Ctrl-C", 0.4),
+]
+
+
+@pytest.mark.parametrize(("how", "delay"), STOPS)
+async def test_a_stop_during_start_up_reaps_every_worker_without_a_traceback(
+    how: str, delay: float
+) -> None:
+    with trio.fail_after(60):
+        async with supervisor(
+            "--workers", "8", "--port", "0", new_session=how == "Ctrl-C"
+        ) as (proc, log):
+            await log.wait_for(r"supervisor pid \d+: 8 workers")
+            await trio.sleep(delay)
+            if how == "Ctrl-C":
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                proc.send_signal(signal.Signals[how])
+            assert await proc.wait() == 0, log.lines
+            # Checked at once: an orphan would go by itself within a second
+            # or so (it watches its parent).
+            assert workers_of(proc.pid) == []
+    text = "\n".join(log.lines)
+    assert "Traceback" not in text, text
+    for pid in re.findall(r"worker \d+ started, pid (\d+)", text):
+        # Reaped by the supervisor: it logs that after waiting for it.
+        assert re.search(rf"\(pid {pid}\) exited: ", text), text
+        assert gone(int(pid))
 
 
 async def test_workers_share_the_port_restart_and_stop() -> None:
@@ -249,3 +312,170 @@ async def test_bad_command_lines(args: list[str], message: str) -> None:
         )
     assert result.returncode == 2
     assert message in result.stderr.decode()
+
+
+# --- the supervisor in-process: stops that come while workers start ----------
+
+#: A worker that only waits, and dies of SIGTERM (returncode -15).
+SLEEPER = ["sleep", "60"]
+
+
+@attrs.define(eq=False)
+class Spawns:
+    """Stands in for ``trio.lowlevel.open_process``: each start of a worker
+    first awaits ``before(n)`` (n counts the starts from 0), then starts a
+    real process; every process is kept, to check it was signalled and
+    reaped."""
+
+    before: Callable[[int], Awaitable[object]]
+    commands: Callable[[int], list[str]] = lambda n: SLEEPER
+    #: The processes, by the number of their start.
+    procs: dict[int, trio.Process] = attrs.field(factory=dict)
+    _calls: int = 0
+    _real: Any = trio.lowlevel.open_process
+
+    async def __call__(self, command: list[str], **options: Any) -> trio.Process:
+        n = self._calls
+        self._calls += 1
+        await self.before(n)
+        proc: trio.Process = await self._real(self.commands(n), **options)
+        self.procs[n] = proc
+        return proc
+
+    async def reap(self) -> None:
+        """After a failed test: leave no process (nor its pidfd) behind."""
+        with trio.CancelScope(shield=True):
+            for proc in self.procs.values():
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+
+@contextlib.contextmanager
+def on_log(pattern: str) -> Iterator[trio.Event]:
+    """An event set when the supervisor logs a line matching ``pattern``."""
+    event = trio.Event()
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if re.search(pattern, record.getMessage()):
+                event.set()
+
+    handler = Catch()
+    log = logging.getLogger("trio_evlisten.workers")
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield event
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+def supervisor_of(workers: int, *, max_restarts: int = 10) -> Supervisor:
+    return Supervisor(
+        SLEEPER,
+        workers,
+        max_restarts=max_restarts,
+        restart_window=60.0,
+        shutdown_timeout=10.0,
+    )
+
+
+async def test_a_signal_while_workers_start_stops_every_one_cleanly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SIGTERM comes while the second worker is being started: the one that
+    # runs gets SIGTERM, the one under way gets it as soon as it exists.
+    with on_log("got SIGTERM: stopping") as stopping:
+
+        async def before(n: int) -> None:
+            if n == 1:
+                # Safe: run() listens for SIGTERM while it starts workers.
+                os.kill(os.getpid(), signal.SIGTERM)
+                await stopping.wait()
+
+        spawns = Spawns(before)
+        monkeypatch.setattr(trio.lowlevel, "open_process", spawns)
+        try:
+            with trio.fail_after(20):
+                assert await supervisor_of(6).run() == 0
+        finally:
+            await spawns.reap()
+    assert 1 in spawns.procs  # the one under way when SIGTERM came
+    for proc in spawns.procs.values():
+        assert proc.returncode == -signal.SIGTERM, proc
+        assert gone(proc.pid)
+
+
+async def test_a_crash_loop_that_gives_up_while_workers_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first worker dies at once; with no restart allowed the supervisor
+    # gives up while the others are still being started.
+    with on_log("giving up") as gave_up:
+
+        async def before(n: int) -> None:
+            if n > 0:
+                await gave_up.wait()
+
+        spawns = Spawns(before, commands=lambda n: ["false"] if n == 0 else SLEEPER)
+        monkeypatch.setattr(trio.lowlevel, "open_process", spawns)
+        try:
+            with trio.fail_after(20):
+                assert await supervisor_of(4, max_restarts=0).run() == 1
+        finally:
+            await spawns.reap()
+    first, *others = (spawns.procs[n] for n in sorted(spawns.procs))
+    assert first.returncode == 1
+    for proc in others:
+        assert proc.returncode == -signal.SIGTERM, proc
+    assert all(gone(proc.pid) for proc in spawns.procs.values())
+
+
+async def test_a_second_signal_kills_a_worker_still_starting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with (
+        on_log("got SIGINT: stopping") as stopping,
+        on_log("killing the workers now") as killing,
+    ):
+
+        async def before(n: int) -> None:
+            if n == 1:
+                # One at a time: trio delivers a signal still pending once.
+                os.kill(os.getpid(), signal.SIGINT)
+                await stopping.wait()
+                os.kill(os.getpid(), signal.SIGINT)
+                await killing.wait()
+
+        spawns = Spawns(before)
+        monkeypatch.setattr(trio.lowlevel, "open_process", spawns)
+        try:
+            with trio.fail_after(20):
+                assert await supervisor_of(3).run() == 0
+        finally:
+            await spawns.reap()
+    # Started after "kill now": SIGKILL, not SIGTERM.
+    assert spawns.procs[1].returncode == -signal.SIGKILL
+    for proc in spawns.procs.values():
+        assert proc.returncode in (-signal.SIGTERM, -signal.SIGKILL), proc
+
+
+def test_a_signal_before_the_supervisor_listens_starts_no_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hold = trio_evlisten._supervisor.hold_stop_signals
+    spawns = Spawns(trio.sleep)
+    monkeypatch.setattr(trio.lowlevel, "open_process", spawns)
+    with hold() as held:
+        os.kill(os.getpid(), signal.SIGINT)  # held: no KeyboardInterrupt
+        assert held == [signal.SIGINT]
+        supervisor = Supervisor(SLEEPER, 4, 10, 60.0, 10.0, held_signals=held)
+        assert trio.run(supervisor.run) == 0
+        assert spawns.procs == {}
+        # A second one is "stop now": Python's own KeyboardInterrupt.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -3,7 +3,10 @@
 Each takes the value given and the option's name, and returns the value to
 use or raises :exc:`TypeError`/:exc:`ValueError` whose message names both
 and says what would be right. :mod:`._options` attaches one to each option;
-the command lines' spellings of values are here too.
+the command lines' spellings of values are here too, and so are the checks
+of the two callbacks (:func:`check_accept_cb`, :func:`check_error_cb`), which
+:func:`open_listener`, :meth:`ConnListener.set_cb` and
+:meth:`ConnListener.set_error_cb` share.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import reprlib
 import ssl
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import trio
 
@@ -121,22 +125,29 @@ def networks(value: object, name: str) -> tuple[Network, ...]:
     return trusted_networks(value)  # type: ignore[arg-type]
 
 
-# Command-line spellings of values
+# The callbacks
 
 
-def float_or_none(text: str) -> float | None:
-    return None if text.lower() in ("none", "off") else float(text)
+def check_accept_cb(cb: object, args: tuple[Any, ...] = ()) -> None:
+    """Refuse an accept callback that cannot be called as it will be.
 
+    It must be ``None`` or an async function that takes ``(listener, conn,
+    addr, *args)``. Both are checked here, where the mistake is made, since
+    otherwise they would fail for every connection, far from it:
 
-def int_or_none(text: str) -> int | None:
-    return None if text.lower() in ("none", "off") else int(text)
+    * Not async: a plain function would be called (its side effects would
+      happen) and then fail, since its result cannot be awaited. A plain
+      function that returns a coroutine (``lambda *a: handler(*a)``) cannot
+      be told apart from one without calling it, so it is refused too (see
+      docs/choices.md); ``async def`` it, or on Python 3.12+ mark it with
+      :func:`inspect.markcoroutinefunction`.
+    * The wrong arity (``async def handler(conn, addr)``): the signature is
+      bound to the arguments it will get, with ``functools.partial``,
+      methods and ``*args`` seen through. A callable whose signature cannot
+      be read (a builtin, a C extension's) is taken on trust.
 
-
-def check_accept_cb(cb: object) -> None:
-    """Refuse an accept callback that is not an async function (or None).
-
-    A plain function would be called (its side effects would happen) and
-    then fail per connection, since its result cannot be awaited.
+    Raises:
+        TypeError: naming the callback and what would be right.
     """
     if cb is None:
         return
@@ -149,15 +160,22 @@ def check_accept_cb(cb: object) -> None:
         raise TypeError(
             f"cb must be an async function, async def cb(listener, conn, addr, "
             f"*args), since each connection's handler is awaited; {cb!r} is "
-            "not async"
+            "not async (a plain function returning a coroutine cannot be told "
+            "from one that does not: write it with async def)"
         )
+    _check_arity(cb, "cb", ("listener", "conn", "addr"), args, "for each connection")
 
 
-def check_error_cb(error_cb: object) -> None:
-    """Refuse an error callback that is async (or not callable, or None).
+def check_error_cb(error_cb: object, args: tuple[Any, ...] = ()) -> None:
+    """Refuse an error callback that is async, or cannot take its arguments.
 
-    It is called in the accept task, synchronously, between two accepts: an
-    async one would only make a coroutine that never runs.
+    It is called in the accept task, synchronously, between two accepts, as
+    ``error_cb(listener, error, *args)``: an async one would only make a
+    coroutine that never runs, and one of the wrong arity would fail at the
+    first accept error. The arity is checked as for :func:`check_accept_cb`.
+
+    Raises:
+        TypeError: naming the callback and what would be right.
     """
     if error_cb is None:
         return
@@ -167,6 +185,9 @@ def check_error_cb(error_cb: object) -> None:
             f"*args), called in the accept task between two accepts; not "
             f"{error_cb!r}{' (an async function)' if callable(error_cb) else ''}"
         )
+    _check_arity(
+        error_cb, "error_cb", ("listener", "error"), args, "after an accept() error"
+    )
 
 
 def _is_async(fn: object) -> bool:
@@ -179,3 +200,38 @@ def _is_async(fn: object) -> bool:
     if inspect.isroutine(fn) or inspect.isclass(fn) or not callable(fn):
         return False
     return inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _check_arity(
+    fn: Any, name: str, params: tuple[str, ...], args: tuple[Any, ...], when: str
+) -> None:
+    """Refuse ``fn`` if its signature cannot take ``(*params, *args)``."""
+    try:
+        # follow_wrapped=False: a decorator's wrapper is what gets called, and
+        # functools.wraps copies the wrapped function's signature onto it even
+        # when the wrapper takes other arguments (one that injects an argument).
+        signature = inspect.signature(fn, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return  # no signature to read (a builtin, a C callable): trust it
+    try:
+        signature.bind(*params, *args)
+    except TypeError as exc:
+        call = ", ".join(params + (("*args",) if args else ()))
+        given = f" with args={reprlib.repr(args)}" if args else ""
+        label = getattr(fn, "__qualname__", None) or repr(fn)
+        raise TypeError(
+            f"{name} is called as {name}({call}){given} {when}, but "
+            f"{label}{signature} cannot take that ({exc}); give it the "
+            f"parameters ({call})"
+        ) from None
+
+
+# Command-line spellings of values
+
+
+def float_or_none(text: str) -> float | None:
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+def int_or_none(text: str) -> int | None:
+    return None if text.lower() in ("none", "off") else int(text)

@@ -212,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="listen() backlog; -1 is the OS maximum (default: -1)",
     )
     # Every listener option with a command-line spelling (see _options).
-    add_arguments(echo_parser)
+    # Without --drain-timeout a stop cuts the connections, so that the
+    # summary's "active" says how many it cut.
+    add_arguments(
+        echo_parser,
+        unset={"drain_timeout": "no drain: a stop cancels running handlers at once"},
+    )
     return parser
 
 
@@ -328,9 +333,13 @@ async def serve_echo(options: EchoOptions, *, sock: SockArg | None = None) -> in
                     )
                 )
             except OSError as exc:
+                # An error binding the address names it already (_socket.py).
+                named = exc.strerror if address is not None else None
+                if named is not None and not named.startswith("cannot listen on"):
+                    named = None
                 print(
-                    f"{PROG} echo: error: cannot listen on {where}: "
-                    f"{exc.strerror or exc}",
+                    f"{PROG} echo: error: "
+                    + (named or f"cannot listen on {where}: {exc.strerror or exc}"),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -342,6 +351,10 @@ async def serve_echo(options: EchoOptions, *, sock: SockArg | None = None) -> in
                 f"Echo server listening on {format_address(listener.sockname)}",
                 flush=True,
             )
+            # Without CLOSE_ON_FREE the listener leaves the socket it bound to
+            # its caller (libevent's rule): take it, to close it below.
+            free = options.flags & Flag.CLOSE_ON_FREE
+            bound = listener.socket if sock is None and not free else None
             async for signum in signals:
                 if "drain_timeout" in options.listener:
                     # --drain-timeout: serve the queued connections and give
@@ -349,10 +362,8 @@ async def serve_echo(options: EchoOptions, *, sock: SockArg | None = None) -> in
                     await listener.drain(options.listener["drain_timeout"])
                 server.stop(listener, signal.Signals(signum).name)
                 break
-    if sock is None and not options.flags & Flag.CLOSE_ON_FREE:
-        # Without CLOSE_ON_FREE the listener leaves the socket it bound to
-        # its caller (libevent's rule), and this caller is done with it.
-        listener.socket.close()
+    if bound is not None:
+        bound.close()
     # Reached after a signal or after accept_error's loopexit; the stop
     # recorded the counters in both cases.
     assert server.stats is not None

@@ -1,8 +1,8 @@
 """One connection's life, in its handler task: preamble, stream, callback, close.
 
-Owns, in order: the preamble (:meth:`Connections.open`: the PROXY header,
+Owns, in order: the preamble (:meth:`ConnectionRunner.open`: the PROXY header,
 then the TLS handshake), the object handed to the callback (a stream, or a
-blocking socket), the call and its supervision (:meth:`Connections.run`:
+blocking socket), the call and its supervision (:meth:`ConnectionRunner.run`:
 what an exception escaping the handler means, the grouped log of handler
 errors), and closing what the listener still owns afterwards; plus the
 counters of how connections ended.
@@ -141,6 +141,9 @@ class ConnectionRunner:
                 logger.debug("TLS handshake with %r failed", addr, exc_info=True)
             else:
                 return True
+            finally:
+                # However it ended (done, failed, timed out, cancelled).
+                unlink_handshake(tls)
         with self._state.lock:
             self.tls_failures += 1
         return False
@@ -243,3 +246,27 @@ def close(conn: StdSocket) -> None:
         conn.close()
     except OSError:
         logger.debug("closing %r failed", conn, exc_info=True)
+
+
+def unlink_handshake(tls: trio.SSLStream[Any]) -> None:
+    """Break the reference cycle a ``trio.SSLStream`` is born in.
+
+    ``trio.SSLStream.__init__`` (trio/_ssl.py) keeps ``self._handshook =
+    _Once(self._do_handshake)``: the stream refers to itself through that bound
+    method, so the stream and all it holds (the ``SSLObject`` and OpenSSL's
+    buffers, the transport stream, the socket object) outlive the connection
+    until the cyclic GC finds them, and a connection that lived a while under
+    load is in the oldest generation, which a big heap collects rarely.
+    ``_Once`` calls the method only the first time it is awaited, so once the
+    handshake has begun the reference is dead weight: dropping it lets
+    reference counting free the stream as soon as its last user lets go.
+    Does nothing before the handshake began, or if trio's internals are not
+    what this expects.
+    """
+    once: Any = getattr(tls, "_handshook", None)
+    method = getattr(once, "_afn", None)
+    if getattr(once, "started", False) and getattr(method, "__self__", None) is tls:
+        # Never called again (started); deleting rather than replacing it
+        # means a trio that did call it again would fail loudly, not skip a
+        # handshake.
+        del once._afn

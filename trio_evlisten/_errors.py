@@ -119,9 +119,11 @@ ERROR_LOG_INTERVAL: Final = 10.0
 class ResourceLimitWarning(RuntimeWarning):
     """A limit of the system will cut what the listener was asked for.
 
-    Warned once when a listener starts: the ``RLIMIT_NOFILE`` soft limit is
-    below ``max_connections`` plus a reserve, or the kernel cut the asked
-    ``backlog`` to ``somaxconn``. Filter it like any warning
+    Warned when a listener starts, and again by
+    :meth:`~trio_evlisten.ConnListener.set_max_connections`: the
+    ``RLIMIT_NOFILE`` soft limit is below ``max_connections`` (plus a
+    given ``max_pending``) and a reserve, or (at start) the kernel cut the
+    asked ``backlog`` to ``somaxconn``. Filter it like any warning
     (``warnings.filterwarnings("ignore", category=ResourceLimitWarning)``).
     """
 

@@ -162,14 +162,20 @@ class ConnListener:
     def fd(self) -> int:
         """The listening socket's file descriptor (``evconnlistener_get_fd``).
 
-        ``-1`` once the socket is closed.
+        ``-1`` once the socket is closed. Reading it, like :attr:`socket`,
+        takes the socket: without ``CLOSE_ON_FREE`` it is then yours to close.
         """
-        return self._lsock.std.fileno()
+        return self._lsock.take_fd()
 
     @property
     def socket(self) -> trio.socket.SocketType:
-        """The listening socket, as a :mod:`trio.socket` object."""
-        return self._lsock.trio
+        """The listening socket, as a :mod:`trio.socket` object.
+
+        Reading it takes the socket: without ``CLOSE_ON_FREE`` it outlives
+        the listener and is yours to close (else leaving
+        :func:`open_listener`'s block warns that it still listens).
+        """
+        return self._lsock.take()
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -326,12 +332,14 @@ class ConnListener:
         with. ``cb=None`` stops accepting until a callback is set again.
 
         Raises:
-            TypeError: ``cb`` is neither callable nor ``None``.
+            TypeError: ``cb`` is not ``None`` nor an async function (a plain
+                function that returns a coroutine is refused too), or
+                cannot take ``(listener, conn, addr, *args)``.
             trio.ClosedResourceError: the listener is closed.
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        check_accept_cb(cb)
+        check_accept_cb(cb, args)
         self._change("set_cb", self._state.set_cb, cb, args)
         self._host.task_name = task_name(cb)
 
@@ -345,12 +353,13 @@ class ConnListener:
         then logged, or, for fatal ones, raised into the nursery.
 
         Raises:
-            TypeError: ``error_cb`` is neither callable nor ``None``.
+            TypeError: ``error_cb`` is not ``None`` nor a plain function, or
+                cannot take ``(listener, error, *args)``.
             trio.ClosedResourceError: the listener is closed.
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        check_error_cb(error_cb)
+        check_error_cb(error_cb, args)
         self._change("set_error_cb", self._state.set_error_cb, error_cb, args)
 
     def set_max_connections(self, max_connections: int | None) -> None:
@@ -592,6 +601,7 @@ async def run_listener(
     except BaseExceptionGroup as group:
         error = shape(group, listener._host.group, body_error)
     else:
+        lsock.warn_if_left_listening()
         return
     raise error
 

@@ -48,9 +48,12 @@ async def open_listener(
 
     Args:
         cb: the accept callback, ``async def cb(listener, conn, addr,
-            *args)``; ``conn`` is a :class:`trio.SocketStream` (or, with
-            ``LEAVE_SOCKETS_BLOCKING``, a blocking :class:`socket.socket`).
-            ``None`` leaves the listener waiting until :meth:`~ConnListener.set_cb`.
+            *args)``; ``conn`` is a :class:`trio_evlisten.SocketStream` (a
+            :class:`trio.SocketStream` with ``stream=trio.SocketStream``), a
+            :class:`trio.SSLStream` over that stream with ``ssl_context=``,
+            or, with ``LEAVE_SOCKETS_BLOCKING``, a blocking
+            :class:`socket.socket` that the handler owns. ``None`` leaves
+            the listener waiting until :meth:`~ConnListener.set_cb`.
         *args: passed to ``cb`` after ``addr``.
         address: where to bind: ``(host, port)``, ``(host, port, flowinfo,
             scope_id)`` (the family follows the host; ``""`` is the IPv4
@@ -71,7 +74,10 @@ async def open_listener(
 
     Raises:
         TypeError: neither or both of ``address`` and ``sock``; an argument
-            of the wrong type.
+            of the wrong type; a ``cb`` that is not an async function, or an
+            ``error_cb`` that is one, or either unable to take the arguments
+            it is called with (``*args`` for ``cb``; a plain function that
+            returns a coroutine counts as not async).
         ValueError: an argument with a bad value (each message names it).
         OSError: ``bind()``/``listen()`` failed (``EADDRINUSE``, ...).
         ExceptionGroup: what the listener's nursery raised: a fatal accept
@@ -93,18 +99,25 @@ async def open_listener(
         at ERROR) unless ``handler_errors="raise"``.
 
     Resource handling:
-        On leaving the block the listener is closed (so nothing more is
-        accepted), then drained: ``listener.draining`` is set and the block
-        waits for running handlers (up to ``drain_timeout``). With
+        On leaving the block the listener is drained, as by
+        :meth:`~ConnListener.drain` with ``drain_timeout`` as its grace:
+        ``listener.draining`` is set, the connections the kernel had already
+        queued are accepted and served, then the listener is closed (nothing
+        more is accepted) and the block waits for the running handlers (up to
+        ``drain_timeout``, then cancels the rest). With
         ``handler_nursery=`` it only closes: the handlers are the nursery's. The
         listening socket is closed only with ``CLOSE_ON_FREE``; a Unix socket
-        path this function bound is then unlinked too. A socket passed as
-        ``sock=`` is never closed on an error before the block starts. Each trio
+        path this function bound is then unlinked too. Without it, a socket
+        this function bound is the caller's: take it in the block
+        (``listener.socket`` or ``listener.fd``) to close it later, else
+        leaving the block warns (:exc:`ResourceWarning`) that it still
+        listens with nobody to accept. A socket passed as
+        ``sock=`` is never closed on an error before the block starts. Each
         stream handed to a handler is closed when the handler returns. If the
         block raises, handlers are cancelled at once (Trio's nursery rule).
     """
     flags = check_flags(flags)
-    check_accept_cb(cb)
+    check_accept_cb(cb, args)
     check_error_cb(error_cb)
     resolved = resolve(options, flags)
     # Pending connections hold fds only where a preamble makes them pend.

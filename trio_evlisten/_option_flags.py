@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from ._options import OPTIONS, Option
+from ._options import OPTIONS, Cli, Option
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -23,29 +23,44 @@ def _flag(name: str) -> str:
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser, names: Iterable[str] | None = None
+    parser: argparse.ArgumentParser,
+    names: Iterable[str] | None = None,
+    *,
+    defaults: Mapping[str, object] | None = None,
+    unset: Mapping[str, str] | None = None,
 ) -> None:
     """Add ``--max-connections N`` and the like for the options ``names``.
 
     ``None``: every option that has a command-line spelling, so an option
-    defined with one appears on every command line at once.
+    defined with one appears on every command line at once. Each flag's help
+    is its :class:`Cli` text (else the reference's), and ends with the
+    default this command line has, as one would type it
+    (``(default: none)``).
 
     An option left off the command line is left out of the namespace, so its
-    default stays the one defined here.
+    default stays the one defined here, unless this command line has one of
+    its own: ``defaults`` maps an option to a value (the workers drain for
+    5 s, not forever), ``unset`` to what leaving the flag out means where
+    that is no option value (the echo server's stop does not drain).
     """
+    defaults = defaults or {}
+    unset = unset or {}
     if names is None:
         names = [name for name, option in OPTIONS.items() if option.cli is not None]
     for name in names:
         option = OPTIONS[name]
         cli = option.cli
         assert cli is not None, f"{name} has no command-line spelling"
-        help_text = f"{_plain(option.doc)} (default: {option.shown})"
+        if name in unset:
+            shown = unset[name]
+        else:
+            shown = _as_typed(defaults.get(name, option.default), cli)
+        text = cli.help if cli.help is not None else _plain(option.doc)
+        help_text = f"{text} (default: {shown})".replace("%", "%%")
+        default = defaults.get(name, argparse.SUPPRESS)
         if cli.metavar is None:
             parser.add_argument(
-                _flag(name),
-                action="store_true",
-                default=argparse.SUPPRESS,
-                help=help_text,
+                _flag(name), action="store_true", default=default, help=help_text
             )
             continue
         parser.add_argument(
@@ -53,9 +68,18 @@ def add_arguments(
             type=_argument_type(name, option),
             action="append" if cli.repeat else "store",
             metavar=cli.metavar,
-            default=argparse.SUPPRESS,
+            default=default,
             help=help_text,
         )
+
+
+def _as_typed(value: object, cli: Cli) -> str:
+    """A default as one would give it on the command line."""
+    if cli.metavar is None:
+        return "on" if value else "off"
+    if value is None:
+        return cli.shown or "none"
+    return str(value)
 
 
 def _argument_type(name: str, option: Option) -> Callable[[str], object]:

@@ -65,12 +65,18 @@ class Cli:
 
     ``parse`` turns the text into the value the option's check then takes;
     ``metavar=None`` makes a flag without a value (``store_true``);
-    ``repeat`` collects every use into a list.
+    ``repeat`` collects every use into a list. ``help`` is the ``--help``
+    text where the reference's would mislead on a command line (it speaks of
+    Python: other arguments such as ``ssl_context=``, methods, leaving the
+    ``async with`` block); ``shown`` is how ``--help`` states a default that
+    is no value one types (``None`` of a repeated option).
     """
 
     metavar: str | None
     parse: Callable[[str], object] = str
     repeat: bool = False
+    help: str | None = None
+    shown: str | None = None
 
 
 @attrs.frozen
@@ -104,7 +110,14 @@ class ListenerOptions(TypedDict, total=False):
             ":meth:`~ConnListener.set_max_connections`. A "
             ":class:`ResourceLimitWarning` says when ``RLIMIT_NOFILE`` is "
             "below it plus a reserve of 64.",
-            Cli("N", int_or_none),
+            Cli(
+                "N",
+                int_or_none,
+                help="at this many running handlers, stop accepting until one "
+                "finishes (connections wait in the kernel's backlog); none: no "
+                "limit. A warning says when RLIMIT_NOFILE is below it plus a "
+                "reserve of 64.",
+            ),
         ),
     ]
     max_pending: Annotated[
@@ -120,7 +133,16 @@ class ListenerOptions(TypedDict, total=False):
             "starve honest clients of handlers. ``None``: what the file "
             "descriptors allow, ``RLIMIT_NOFILE`` minus ``max_connections`` "
             "minus a reserve of 64 (at least 64).",
-            Cli("N", int_or_none),
+            Cli(
+                "N",
+                int_or_none,
+                help="with --proxy-protocol: at this many connections accepted "
+                "but not yet handed to a handler (still sending their PROXY "
+                "header, or waiting for a slot of --max-connections), stop "
+                "accepting until one is; none: what the file descriptors "
+                "allow, RLIMIT_NOFILE minus --max-connections minus a reserve "
+                "of 64 (at least 64).",
+            ),
         ),
     ]
     drain_timeout: Annotated[
@@ -131,7 +153,14 @@ class ListenerOptions(TypedDict, total=False):
             "on leaving the block, drain as :meth:`~ConnListener.drain` does: "
             "set ``listener.draining``, wait this many seconds for running "
             "handlers, then cancel them (``None``: wait for all).",
-            Cli("SECONDS", float_or_none),
+            Cli(
+                "SECONDS",
+                float_or_none,
+                help="on SIGINT or SIGTERM, drain before stopping: stop "
+                "accepting, serve the connections the kernel had queued, wait "
+                "this many seconds for running handlers, then cancel them "
+                "(none: wait for all).",
+            ),
         ),
     ]
     stream: Annotated[
@@ -142,8 +171,9 @@ class ListenerOptions(TypedDict, total=False):
             "the class of the stream each handler gets: "
             ":class:`trio_evlisten.SocketStream`, a "
             ":class:`trio.abc.HalfCloseableStream` with "
-            ":class:`trio.SocketStream`'s surface and semantics at about half "
-            "its CPU per call; or :class:`trio.SocketStream` itself, for code "
+            ":class:`trio.SocketStream`'s surface and semantics for less CPU "
+            "per call (figures on the docs' benchmarks page); or "
+            ":class:`trio.SocketStream` itself, for code "
             "that needs exactly that type. With ``ssl_context=`` the handler "
             "gets a :class:`trio.SSLStream` over it.",
         ),
@@ -200,7 +230,14 @@ class ListenerOptions(TypedDict, total=False):
             "a bad, truncated or slow header, drops the connection without "
             "calling the handler (counted in ``statistics().proxy_rejected``; "
             "at most one WARNING per 10 s).",
-            Cli(None),
+            Cli(
+                None,
+                help="every connection starts with a PROXY protocol v1 or v2 "
+                "header (as HAProxy and nginx send it); the handler's addr is "
+                "then the original client's. A peer outside --proxy-trusted, "
+                "or a bad, truncated or slow header, drops the connection "
+                "without calling the handler (at most one WARNING per 10 s).",
+            ),
         ),
     ]
     proxy_trusted: Annotated[
@@ -211,7 +248,13 @@ class ListenerOptions(TypedDict, total=False):
             'the networks (``"10.0.0.0/8"``, ``"::1"``, :mod:`ipaddress` '
             "networks) that may send a header; ``None`` means loopback only "
             "(``127.0.0.0/8``, ``::1``). Unix-socket peers are always trusted.",
-            Cli("NETWORK", repeat=True),
+            Cli(
+                "NETWORK",
+                repeat=True,
+                help="with --proxy-protocol: a network (10.0.0.0/8, ::1) that "
+                "may send a PROXY header; repeat it for several.",
+                shown="127.0.0.0/8, ::1",
+            ),
         ),
     ]
     proxy_timeout: Annotated[
@@ -236,7 +279,13 @@ class ListenerOptions(TypedDict, total=False):
             "per connection). Applies to TCP sockets open_listener binds; with "
             "``sock=`` only when given, so a socket set up by systemd keeps its "
             "``KeepAlive=``; for a Unix socket it is an error. ``None``: off.",
-            Cli("SECONDS", int_or_none),
+            Cli(
+                "SECONDS",
+                int_or_none,
+                help="TCP keep-alive, as libevent 2.2 sets it: a connection "
+                "idle this many seconds is probed every third of that, and "
+                "dropped after 3 unanswered probes; none: off.",
+            ),
         ),
     ]
     unix_mode: Annotated[
@@ -271,7 +320,14 @@ class ListenerOptions(TypedDict, total=False):
             "and ``loop_lag``. Envoy's overload manager "
             "``stop_accepting_connections`` action does this on heap or "
             "connection pressure; nginx and HAProxy have no equivalent.",
-            Cli("SECONDS", float_or_none),
+            Cli(
+                "SECONDS",
+                float_or_none,
+                help="stop accepting while the event loop runs later than this "
+                "many seconds (measured by a 5 ms timer), resume once the lag "
+                "is under half of it, and pace accepting by how well the loop "
+                "keeps up; none: no bound, no timer.",
+            ),
         ),
     ]
     max_accept_rate: Annotated[
@@ -285,7 +341,12 @@ class ListenerOptions(TypedDict, total=False):
             "the next token. HAProxy's ``rate-limit sessions``, Envoy's "
             "``envoy.filters.listener.local_ratelimit`` (a token bucket), "
             "nginx's ``limit_req`` for requests.",
-            Cli("PER_SECOND", float_or_none),
+            Cli(
+                "PER_SECOND",
+                float_or_none,
+                help="accept at most this many connections per second (a token "
+                "bucket of --accept-burst); none: no limit.",
+            ),
         ),
     ]
     accept_burst: Annotated[
@@ -297,7 +358,13 @@ class ListenerOptions(TypedDict, total=False):
             "once after a quiet spell (the bucket's size; nginx's ``burst=``, "
             "Envoy's ``max_tokens``). ``None``: what a tenth of a second earns, "
             "at least 1.",
-            Cli("N", int_or_none),
+            Cli(
+                "N",
+                int_or_none,
+                help="with --max-accept-rate: how many connections may be "
+                "accepted at once after a quiet spell; none: what a tenth of a "
+                "second earns, at least 1.",
+            ),
         ),
     ]
     max_connections_per_client: Annotated[
@@ -312,7 +379,14 @@ class ListenerOptions(TypedDict, total=False):
             "``limit_conn`` with ``limit_conn_zone $binary_remote_addr``, "
             "HAProxy's stick table ``conn_cur`` with ``tcp-request connection "
             "reject``; Envoy has none.",
-            Cli("N", int_or_none),
+            Cli(
+                "N",
+                int_or_none,
+                help="at most this many connections per client address (the "
+                "PROXY header's with --proxy-protocol; IPv6 by "
+                "--client-ipv6-prefix); over it, refused or held by "
+                "--client-limit-policy; none: no limit.",
+            ),
         ),
     ]
     client_limit_policy: Annotated[
@@ -326,7 +400,12 @@ class ListenerOptions(TypedDict, total=False):
             "connections ends (at most ``max_connections_per_client`` held per "
             "client; beyond, refused). Held connections count towards "
             "``max_pending``.",
-            Cli("POLICY"),
+            Cli(
+                "POLICY",
+                help="over --max-connections-per-client: refuse (close at "
+                "once) or hold (wait, with no handler slot, until that "
+                "client's count drops; at most that many held per client).",
+            ),
         ),
     ]
     client_ipv6_prefix: Annotated[
@@ -337,7 +416,12 @@ class ListenerOptions(TypedDict, total=False):
             "IPv6 clients are counted by this many leading bits of their "
             "address (one host or site commonly holds a whole /64); 128 counts "
             "each address apart. IPv4 clients are counted by address.",
-            Cli("BITS", int),
+            Cli(
+                "BITS",
+                int,
+                help="with --max-connections-per-client: count IPv6 clients by "
+                "this many leading bits of their address.",
+            ),
         ),
     ]
     client_table_size: Annotated[
@@ -350,7 +434,13 @@ class ListenerOptions(TypedDict, total=False):
             "each, so the default bounds the table near 10 MB). A new client "
             "finding it full is refused, as nginx does when a "
             "``limit_conn_zone`` is exhausted.",
-            Cli("N", int),
+            Cli(
+                "N",
+                int,
+                help="with --max-connections-per-client: the most clients "
+                "counted at once; a new client finding the table full is "
+                "refused.",
+            ),
         ),
     ]
 
@@ -387,10 +477,17 @@ def resolve(
 ) -> ListenerOptions:
     """Every option, checked, with the defaults filled in.
 
+    An option given (a key of ``given``, whatever its value, the default
+    too) where it cannot apply is refused rather than silently ignored:
+    ``tls_handshake_timeout`` without ``ssl_context``, ``proxy_trusted`` or
+    ``proxy_timeout`` without ``proxy_protocol=True``, ``max_pending``
+    without either, ``stream`` with ``Flag.LEAVE_SOCKETS_BLOCKING``.
+
     Raises:
         TypeError: an unknown option name, or a value of the wrong type.
-        ValueError: a bad value, or options that exclude each other (each
-            message names them).
+        ValueError: a bad value, options that exclude each other, or an
+            option given where it cannot apply (each message names them, and
+            what would make it apply).
     """
     unknown = given.keys() - OPTIONS.keys()
     if unknown:
@@ -415,9 +512,58 @@ def resolve(
             "ssl_context= hands handlers a trio.SSLStream, which "
             "Flag.LEAVE_SOCKETS_BLOCKING (plain blocking sockets) excludes"
         )
-    if resolved["accept_burst"] is not None and resolved["max_accept_rate"] is None:
-        raise ValueError(
-            f"accept_burst={resolved['accept_burst']!r} needs max_accept_rate= "
-            "(the rate that fills the bucket)"
-        )
+    _refuse_what_cannot_apply(given, resolved, flags)
     return resolved
+
+
+def _refuse_what_cannot_apply(
+    given: Mapping[str, object], resolved: ListenerOptions, flags: Flag
+) -> None:
+    """Refuse an option given where nothing reads it.
+
+    "Given" is a key of ``given``, not a value that differs from the
+    default: ``tls_handshake_timeout=10`` without TLS is as much a mistake
+    (a forgotten ``ssl_context=``, most likely) as any other value.
+    """
+    tls = resolved["ssl_context"] is not None
+    proxy = resolved["proxy_protocol"]
+    if "tls_handshake_timeout" in given and not tls:
+        raise ValueError(
+            "tls_handshake_timeout= bounds the TLS handshake, which only "
+            "happens with ssl_context=; give ssl_context= too, or leave "
+            "tls_handshake_timeout= out"
+        )
+    for name in ("proxy_trusted", "proxy_timeout"):
+        if name in given and not proxy:
+            raise ValueError(
+                f"{name}= applies to the PROXY header, which is only read with "
+                f"proxy_protocol=True; give proxy_protocol=True too, or leave "
+                f"{name}= out"
+            )
+    per_client = resolved["max_connections_per_client"] is not None
+    if "max_pending" in given and not (tls or proxy or per_client):
+        raise ValueError(
+            "max_pending= bounds the connections in their PROXY header or TLS "
+            "handshake, which there are only with proxy_protocol=True or "
+            "ssl_context=; give one of those, or leave max_pending= out (to "
+            "bound running handlers, use max_connections=); connections held "
+            "by max_connections_per_client= pend too"
+        )
+    if "accept_burst" in given and resolved["max_accept_rate"] is None:
+        raise ValueError(
+            f"accept_burst={resolved['accept_burst']!r} is the size of "
+            "max_accept_rate='s bucket; give max_accept_rate= too (the rate "
+            "that fills it), or leave accept_burst= out"
+        )
+    for name in ("client_limit_policy", "client_ipv6_prefix", "client_table_size"):
+        if name in given and not per_client:
+            raise ValueError(
+                f"{name}= applies to max_connections_per_client=; give it too, "
+                f"or leave {name}= out"
+            )
+    if "stream" in given and flags & Flag.LEAVE_SOCKETS_BLOCKING:
+        raise ValueError(
+            "stream= is the class of the stream handlers get, but with "
+            "Flag.LEAVE_SOCKETS_BLOCKING they get a blocking socket.socket "
+            "instead; leave out stream= or the flag"
+        )

@@ -7,11 +7,11 @@ relays the client's bytes. Three layers, each testable alone:
 * :func:`header_length`: from the first bytes (peeked, not consumed), which
   version this is and how long its header is, or ``None`` for "need more".
 * :func:`parse_header`: the complete header's bytes to a :class:`ProxyHeader`.
-* :func:`read_header`: on a trio socket, peek until the header is complete,
-  then read exactly its length, so that not one byte of the
-  application's data is taken (the spec's "the receiver must only consume
-  the header"); a header in pieces is waited for on readability, never on
-  a timer.
+* :func:`read_header`: on the accepted stdlib socket (non-blocking), peek
+  until the header is complete, then read exactly its length, so that not
+  one byte of the application's data is taken (the spec's "the receiver
+  must only consume the header"); a header in pieces is waited for on
+  readability, never on a timer.
 
 :class:`._proxy_reader.ProxyReader` puts them together for the listener: the
 trust check, the timeout, the count and the rate-limited warning.
@@ -261,8 +261,11 @@ async def read_header(sock: Peekable) -> ProxyHeader:
     to send it at once, and they do) costs one peek and one read.
 
     A header that comes in pieces is waited for on events, never on a timer,
-    so a trusted peer that sends it one byte a second costs one wake-up per
-    byte and nothing in between. Waiting for readability after a peek would
+    so a trusted peer that sends it one byte a second costs nothing between
+    wake-ups. On TCP, ``SO_RCVLOWAT`` is raised to the fewest bytes that
+    could complete the header, so such a peer wakes us only once enough has
+    come (or at its EOF or reset), not once per byte; on a Unix socket each
+    piece is a wake-up. Waiting for readability after a peek would
     spin (the peeked bytes keep the socket readable); so when what has
     arrived does not yet complete a header, it is consumed into a buffer
     first. That is sound because all of it belongs to the header:
@@ -359,8 +362,7 @@ def _take(sock: Peekable, size: int) -> bytes:
     """Consume the ``size`` bytes that a peek has just seen in ``sock``.
 
     A plain ``read(2)``: the bytes are there, so there is nothing to wait
-    for, and trio's ``recv()`` would add a trip through the scheduler (a
-    dribbled header costs about a fifth less CPU per byte without it).
+    for, and trio's ``recv()`` would add a trip through the scheduler.
     """
     buf = b""
     while len(buf) < size:  # one pass: a stream hands over what it showed

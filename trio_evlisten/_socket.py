@@ -17,6 +17,7 @@ import attrs
 import trio
 
 from ._backlog import check_backlog, listen
+from ._errors import warn_at_caller
 from ._flags import Flag
 from ._sockopts import (
     apply_listening_flags,
@@ -33,6 +34,8 @@ Address: TypeAlias = (
 )
 #: What ``sock=`` takes.
 SockArg: TypeAlias = "socket.socket | trio.socket.SocketType | int"
+#: A trio socket (spelled here: in :class:`ListeningSocket` ``trio`` is a field).
+TrioSocket: TypeAlias = trio.socket.SocketType
 
 
 @final
@@ -60,6 +63,48 @@ class ListeningSocket:
     backlog: int | None = None
     #: Set by :func:`hand_off`: a successor holds the socket, and its queue.
     handed_off: bool = False
+    #: We bound it (``address=``): the caller has it only if they take it.
+    bound_here: bool = False
+    #: The caller took it (``listener.socket`` or ``listener.fd``).
+    taken: bool = False
+
+    def take(self) -> TrioSocket:
+        """The socket, for the caller (``listener.socket``): now theirs to close."""
+        self.taken = True
+        return self.trio
+
+    def take_fd(self) -> int:
+        """The fd, for the caller (``listener.fd``): now theirs to close."""
+        self.taken = True
+        return self.std.fileno()
+
+    def warn_if_left_listening(self) -> None:
+        """A :exc:`ResourceWarning` if the socket we bound listens on unheld.
+
+        Without ``CLOSE_ON_FREE`` the socket outlives the listener (libevent's
+        rule); a socket the caller gave, or took, is theirs to close. One we
+        bound that they never took still listens, unaccepted: clients that
+        connect now wait in its queue, which looks like a hang.
+        """
+        if (
+            not self.bound_here
+            or self.taken
+            or self.handed_off
+            or self.closed_underfoot()
+        ):
+            return
+        name = self.std.getsockname()
+        where = _host_port(name[0], name[1]) if isinstance(name, tuple) else repr(name)
+        warn_at_caller(
+            ResourceWarning(
+                f"the listener on {where} was opened without Flag.CLOSE_ON_FREE, "
+                "so the socket it bound still listens after the block, with "
+                "nobody to accept: clients that connect now wait. Pass "
+                "Flag.CLOSE_ON_FREE to close it with the listener, or take it "
+                "inside the block (listener.socket or listener.fd) and close it "
+                "yourself"
+            )
+        )
 
     def hand_off(self) -> None:
         """A successor holds the socket now: leave it its path and its queue."""
@@ -128,8 +173,15 @@ async def make_listening_socket(
 
     Error handling:
         Bad argument types raise :exc:`TypeError`, bad values
-        :exc:`ValueError`, both naming the value; the OS's refusals
-        (``EADDRINUSE``, ``EACCES``) propagate as :exc:`OSError`.
+        :exc:`ValueError`, both naming the value. The OS's refusals while
+        binding ``address`` (``EADDRINUSE``, ``EACCES``, a host that does
+        not resolve) are raised as an :exc:`OSError` of the same class and
+        errno whose message names the address, with the original as its
+        ``__cause__``; an ``EADDRINUSE`` also says what holds the address
+        where that can be told, and what would help (see
+        :func:`_in_use_hint_inet`, :func:`_in_use_hint_unix`). Nothing is
+        removed on the caller's behalf. With ``sock=`` they propagate as
+        they are.
 
     Resource handling:
         A socket this function creates is closed if any later step fails. A
@@ -160,13 +212,29 @@ async def make_listening_socket(
                 f"keepalive={keepalive!r} is TCP keep-alive, which a Unix "
                 f"socket ({path!r}) does not have; leave it out"
             )
-        return _bind_unix(path, flags, backlog, unix_mode)
+        try:
+            return _bind_unix(path, flags, backlog, unix_mode)
+        except OSError as exc:
+            hint = _in_use_hint_unix(path) if exc.errno == errno.EADDRINUSE else ""
+            raise _naming(exc, repr(path), hint) from exc
     if unix_mode is not None:
         raise ValueError(
             f"unix_mode= is for Unix socket paths, not the TCP address {address!r}"
         )
-    family, sockaddr = await _resolve(address)
-    return _bind_inet(family, sockaddr, flags, backlog, keepalive)
+    try:
+        family, sockaddr = await _resolve(address)
+    except OSError as exc:  # the host did not resolve
+        raise _naming(exc, _host_port(address[0] or "0.0.0.0", address[1])) from exc
+    try:
+        return _bind_inet(family, sockaddr, flags, backlog, keepalive)
+    except OSError as exc:
+        where = _host_port(str(sockaddr[0]), address[1])
+        if address[0] and address[0] != sockaddr[0]:
+            where += f" ({address[0]})"
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = _in_use_hint_inet(family, sockaddr, flags)
+        raise _naming(exc, where, hint) from exc
 
 
 async def _resolve(address: object) -> tuple[int, tuple[object, ...]]:
@@ -217,31 +285,156 @@ def _bind_inet(
 ) -> ListeningSocket:
     std = socket.socket(family, socket.SOCK_STREAM)
     try:
-        if flags & Flag.REUSEABLE:
-            std.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if flags & Flag.REUSEABLE_PORT:
-            std.setsockopt(socket.SOL_SOCKET, so_reuseport(), 1)
+        _set_bind_options(std, family, sockaddr, flags)
         if keepalive is not None:
             set_keepalive(std, keepalive)
-        if family == socket.AF_INET6:
-            # Set it either way: the system default (Linux's bindv6only
-            # sysctl) differs between machines, and dual-stack is the
-            # documented behaviour without the flag.
-            v6only = 1 if flags & Flag.BIND_IPV6ONLY else 0
-            std.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
-        elif flags & Flag.BIND_IPV6ONLY:
-            raise ValueError(
-                f"Flag.BIND_IPV6ONLY needs an IPv6 address, not {sockaddr!r}"
-            )
         std.bind(sockaddr)
         apply_listening_flags(std, flags)
         effective = listen(std, backlog)
         return ListeningSocket(
-            std, trio.socket.from_stdlib_socket(std), backlog=effective
+            std,
+            trio.socket.from_stdlib_socket(std),
+            backlog=effective,
+            bound_here=True,
         )
     except BaseException:
         std.close()
         raise
+
+
+def _set_bind_options(
+    std: socket.socket, family: int, sockaddr: tuple[object, ...], flags: Flag
+) -> None:
+    """The options that decide whether ``bind()`` succeeds."""
+    if flags & Flag.REUSEABLE:
+        std.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if flags & Flag.REUSEABLE_PORT:
+        std.setsockopt(socket.SOL_SOCKET, so_reuseport(), 1)
+    if family == socket.AF_INET6:
+        # Set it either way: the system default (Linux's bindv6only
+        # sysctl) differs between machines, and dual-stack is the
+        # documented behaviour without the flag.
+        v6only = 1 if flags & Flag.BIND_IPV6ONLY else 0
+        std.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+    elif flags & Flag.BIND_IPV6ONLY:
+        raise ValueError(f"Flag.BIND_IPV6ONLY needs an IPv6 address, not {sockaddr!r}")
+
+
+# ----------------------------------------------------------------------
+# Errors that name the address, and what holds it
+
+
+def _naming(exc: OSError, where: str, hint: str = "") -> OSError:
+    """``exc`` again (same class, same errno), its message naming ``where``.
+
+    The class and errno are kept so that ``except OSError as e: if e.errno ==
+    errno.EADDRINUSE`` and ``except PermissionError`` work as before.
+    """
+    message = f"cannot listen on {where}: {exc.strerror or exc}{hint}"
+    args = (message,) if exc.errno is None else (exc.errno, message)
+    try:
+        return type(exc)(*args)
+    except TypeError:  # pragma: no cover - a subclass with another signature
+        return OSError(*args)
+
+
+def _host_port(host: str, port: object) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _in_use_hint_inet(family: int, sockaddr: tuple[object, ...], flags: Flag) -> str:
+    """What holds a TCP address, told by trying the flags that would help.
+
+    Each try binds a scratch socket with one more option and closes it at
+    once (never listening): if it binds, that option is the remedy.
+    """
+    if sockaddr[1] == 0:
+        return "; no free port was left for the system to pick"
+    if not flags & Flag.REUSEABLE and _binds(family, sockaddr, flags | Flag.REUSEABLE):
+        return (
+            "; nothing listens there, but connections of a server that stopped "
+            "still hold it (TIME_WAIT): Flag.REUSEABLE (SO_REUSEADDR) lets a "
+            "restarted server bind it at once"
+        )
+    if (
+        not flags & Flag.REUSEABLE_PORT
+        and hasattr(socket, "SO_REUSEPORT")
+        and _binds(family, sockaddr, flags | Flag.REUSEABLE_PORT)
+    ):
+        return (
+            "; the socket listening there set SO_REUSEPORT: with "
+            "Flag.REUSEABLE_PORT this one would listen beside it, and the "
+            "kernel would spread connections over both"
+        )
+    return (
+        "; another socket holds it: a server listening there, or connections "
+        "of one that stopped (TIME_WAIT, a minute or so); stop that server or "
+        "wait, or choose another port (port 0 lets the system pick a free one)"
+    )
+
+
+def _binds(family: int, sockaddr: tuple[object, ...], flags: Flag) -> bool:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            _set_bind_options(probe, family, sockaddr, flags)
+            probe.bind(sockaddr)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _in_use_hint_unix(path: str) -> str:
+    """What is at a Unix socket path that ``bind()`` found taken.
+
+    For a socket file, one connection is tried (and closed at once, before
+    any data): refused means no process listens on it, so the file is stale.
+    Nothing is removed: the caller decides.
+    """
+    if path.startswith("\0"):
+        return (
+            "; another socket is bound to that abstract name (the name is "
+            "freed when that socket closes)"
+        )
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return ""  # gone since: a retry may succeed
+    if stat.S_ISDIR(mode):
+        return (
+            "; it is a directory: give a path for the socket file inside it, "
+            f"like {os.path.join(path, 'server.sock')!r}"
+        )
+    if not stat.S_ISSOCK(mode):
+        kind = (
+            "a regular file"
+            if stat.S_ISREG(mode)
+            else "a symbolic link"
+            if stat.S_ISLNK(mode)
+            else "a file"
+        )
+        return (
+            f"; it is {kind}, not a socket: choose another path, or remove it "
+            "if nothing needs it"
+        )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return (
+                "; no process listens on that socket file: it may be left from "
+                "a process that died (or from a listener opened without "
+                "Flag.CLOSE_ON_FREE); if no server uses it, remove it "
+                f"(os.unlink({path!r}), or rm) and try again"
+            )
+        except BlockingIOError:
+            pass  # its queue is full: a process is listening, and busy
+        except OSError as exc:
+            return (
+                f"; it is a socket file that could not be tried ({exc.strerror}): "
+                "if no server uses it, remove it and try again"
+            )
+    return "; a process is listening on it: stop that server, or choose another path"
 
 
 def _bind_unix(
@@ -272,7 +465,9 @@ def _bind_unix(
             if unlink is not None:
                 _unlink_if_ours(unlink, std)
             raise
-        return ListeningSocket(std, trio_sock, unlink_path=unlink, backlog=effective)
+        return ListeningSocket(
+            std, trio_sock, unlink_path=unlink, backlog=effective, bound_here=True
+        )
     except BaseException:
         std.close()
         raise

@@ -81,6 +81,10 @@ def check_unix_flags(flags: Flag) -> None:
         raise ValueError("Flag.REUSEABLE_PORT is for TCP sockets, not Unix sockets")
     if flags & Flag.BIND_IPV6ONLY:
         raise ValueError("Flag.BIND_IPV6ONLY is for IPv6 sockets, not Unix sockets")
+    if flags & Flag.DEFERRED_ACCEPT:
+        # libevent's setsockopt(TCP_DEFER_ACCEPT) fails on a Unix socket, and
+        # its bind with it; a no-op would hide a flag that does nothing.
+        raise ValueError("Flag.DEFERRED_ACCEPT is for TCP sockets, not Unix sockets")
 
 
 def so_reuseport() -> int:

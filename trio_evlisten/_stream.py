@@ -1,12 +1,18 @@
 """A lean :class:`trio.abc.HalfCloseableStream` over a stdlib socket.
 
-One concern: the stream a handler is given. :class:`trio.SocketStream` wraps
-a trio socket object, and each of its calls goes through trio's general
-machinery (an error-translating context manager, a conflict detector, the
-socket method wrapper, ``_try_sync``); here each call is one function that
-does the system call on the stdlib socket itself, with trio's semantics
-kept exactly (``trio.testing.check_half_closeable_stream`` proves it in
+One concern: the stream a handler is given, and how it reaches its socket
+(options, the trio socket object). :class:`trio.SocketStream` wraps a trio
+socket object, and each of its calls goes through trio's general machinery
+(an error-translating context manager, a conflict detector, the socket
+method wrapper, ``_try_sync``); here each call is one function that does the
+system call on the stdlib socket itself, with trio's semantics kept exactly
+(``trio.testing.check_half_closeable_stream`` proves it in
 ``tests/test_stream.py``).
+
+The copy kept for speed: :meth:`SocketStream.__anext__` repeats
+:meth:`SocketStream.receive_some`'s body (see the comment there). Nothing
+else is written twice: :func:`adopt` and the constructor share
+:meth:`SocketStream._attach`.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import errno
 import socket as _stdlib_socket
 import sys
 from contextlib import suppress
-from typing import TYPE_CHECKING, Final, NoReturn, final
+from typing import TYPE_CHECKING, Final, NoReturn, final, overload
 
 import trio
 from trio.lowlevel import (
@@ -28,7 +34,6 @@ from trio.lowlevel import (
 )
 
 from ._sockopts import STREAM_TCP_OPTIONS, TCP_FAMILIES
-from ._stream_socket import SocketAccess
 
 if TYPE_CHECKING:
     if sys.version_info >= (3, 12):
@@ -63,7 +68,8 @@ def _recv_now(sock: _stdlib_socket.socket, max_bytes: int) -> bytes | None:
     A function of its own for memory, not style: an exception raised in a
     frame gives that frame a frame object, kept as long as the frame lives.
     Raised in ``receive_some``'s own frame, the "nothing yet" of a connection
-    about to wait would cost about 200 bytes for as long as it waits idle;
+    about to wait would cost memory for as long as it waits idle (the
+    "memory per idle connection" row of ``python -m benchmarks.stream_micro``);
     raised here, it is gone on return. (Other errors are rare, and end the
     stream.)
     """
@@ -73,21 +79,31 @@ def _recv_now(sock: _stdlib_socket.socket, max_bytes: int) -> bytes | None:
         return None
 
 
+def _refuse_busy_receive() -> NoReturn:
+    raise trio.BusyResourceError(
+        "another task is currently receiving data on this SocketStream"
+    )
+
+
 def _refuse_busy_send() -> NoReturn:
     raise trio.BusyResourceError(
         "another task is currently sending data on this SocketStream"
     )
 
 
+def _refuse_send_after_eof() -> NoReturn:
+    raise trio.ClosedResourceError("can't send data after sending EOF") from None
+
+
 @final
-class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
+class SocketStream(trio.abc.HalfCloseableStream):
     """A :class:`trio.abc.HalfCloseableStream` over a connected stdlib socket.
 
     The stream handlers get: :class:`trio.SocketStream`'s surface and
-    semantics (every method, every error, every checkpoint) for less: an
-    echo server spends about 0.6x trio's CPU per round trip under load, and
-    two thirds of its memory per idle connection (figures and how they are
-    taken: ``python -m benchmarks.stream_micro``). Each method makes its
+    semantics (every method, every error, every checkpoint) for less CPU per
+    call and less memory per idle connection (the figures, and how they are
+    taken, are in :doc:`/benchmarks` and
+    ``python -m benchmarks.stream_micro``). Each method makes its
     system call on the stdlib :class:`socket.socket` directly: a
     non-blocking attempt first, and only if the kernel says "would block",
     :func:`trio.lowlevel.wait_readable` or
@@ -123,7 +139,9 @@ class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
             trio socket). It is made non-blocking here.
 
     Raises:
-        TypeError: ``sock`` is not a stdlib stream socket.
+        TypeError: ``sock`` is not a stdlib :class:`socket.socket`.
+        ValueError: ``sock`` is not a ``SOCK_STREAM`` socket (as trio's
+            ``SocketStream`` raises).
 
     Error handling:
         ``EBADF`` from the socket (it was closed: by :meth:`aclose`, or under
@@ -148,20 +166,15 @@ class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
     """
 
     # No ConflictDetector objects: three flags in slots are all the state a
-    # connection needs beyond its socket (the trio socket is made on demand).
-    __slots__ = ("_eof", "_receiving", "_sending")  # and SocketAccess's two
+    # connection needs beyond its socket and, once asked for, the trio
+    # socket object for it.
+    __slots__ = ("_eof", "_receiving", "_sending", "_sock", "_tsock")
 
     def __init__(self, sock: _stdlib_socket.socket) -> None:
         if type(sock) is not _stdlib_socket.socket:
             raise TypeError(f"SocketStream needs a stdlib socket.socket, not {sock!r}")
         if sock.type != _stdlib_socket.SOCK_STREAM:
-            raise TypeError(f"SocketStream needs a SOCK_STREAM socket, not {sock!r}")
-        sock.setblocking(False)
-        self._sock = sock
-        self._tsock: trio.socket.SocketType | None = None
-        self._sending = False
-        self._receiving = False
-        self._eof = False
+            raise ValueError(f"SocketStream needs a SOCK_STREAM socket, not {sock!r}")
         if sock.family in TCP_FAMILIES:
             # As trio: Nagle off (a stream's writes are already whole
             # messages), and the not-sent low-water mark explained at
@@ -171,9 +184,107 @@ class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
             for level, option, value in STREAM_TCP_OPTIONS:
                 with suppress(OSError):
                     sock.setsockopt(level, option, value)
+        self._attach(sock)
+
+    def _attach(self, sock: _stdlib_socket.socket) -> None:
+        """Take ``sock`` as this stream's socket, in the state a stream starts in.
+
+        The one place that sets a new stream's fields, for the constructor
+        and for :func:`adopt`. Non-blocking unless it already is:
+        ``getblocking()`` reads Python's own flag, no system call, and the
+        PROXY reader leaves its sockets non-blocking.
+        """
+        if sock.getblocking():
+            sock.setblocking(False)
+        self._sock = sock
+        self._tsock: trio.socket.SocketType | None = None
+        self._sending = self._receiving = self._eof = False
 
     def __repr__(self) -> str:
         return f"<trio_evlisten.SocketStream over {self._sock!r}>"
+
+    # ---- the socket: options, and the trio object --------------------------
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The trio socket object for this stream's socket (made once, on demand).
+
+        Raises:
+            trio.ClosedResourceError: it is asked for the first time after
+                the stream was closed.
+        """
+        tsock = self._tsock
+        if tsock is None:
+            if self._sock.fileno() == -1:
+                raise trio.ClosedResourceError(
+                    "the stream was closed before its trio socket was made"
+                )
+            tsock = self._tsock = trio.socket.from_stdlib_socket(self._sock)
+        return tsock
+
+    @overload
+    def setsockopt(self, level: int, option: int, value: int | Buffer) -> None: ...
+
+    @overload
+    def setsockopt(self, level: int, option: int, value: None, length: int) -> None: ...
+
+    def setsockopt(
+        self,
+        level: int,
+        option: int,
+        value: int | Buffer | None,
+        length: int | None = None,
+    ) -> None:
+        """Set an option on the socket (:meth:`socket.socket.setsockopt`).
+
+        Args:
+            level: e.g. ``socket.IPPROTO_TCP``.
+            option: e.g. ``socket.TCP_NODELAY``.
+            value: an int or a bytes-like value; ``None`` with ``length``.
+            length: with ``value=None``, the option's length.
+
+        Raises:
+            TypeError: ``value`` and ``length`` do not fit together.
+            OSError: the kernel refused (raised as it is, as trio does).
+        """
+        if length is None:
+            if value is None:
+                raise TypeError(
+                    "invalid value for argument 'value', "
+                    "must not be None when specifying length"
+                )
+            self._sock.setsockopt(level, option, value)
+            return
+        if value is not None:
+            raise TypeError(
+                f"invalid value for argument 'value': {value!r}, "
+                "must be None when specifying optlen"
+            )
+        self._sock.setsockopt(level, option, value, length)
+
+    @overload
+    def getsockopt(self, level: int, option: int) -> int: ...
+
+    @overload
+    def getsockopt(self, level: int, option: int, buffersize: int) -> bytes: ...
+
+    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
+        """Read an option of the socket (:meth:`socket.socket.getsockopt`).
+
+        Args:
+            level: e.g. ``socket.IPPROTO_TCP``.
+            option: e.g. ``socket.TCP_NODELAY``.
+            buffersize: 0 for an int option, else the size of the bytes to read.
+
+        Returns:
+            The option's value: an int, or bytes when ``buffersize`` > 0.
+
+        Raises:
+            OSError: the kernel refused (raised as it is, as trio does).
+        """
+        if buffersize == 0:
+            return self._sock.getsockopt(level, option)
+        return self._sock.getsockopt(level, option, buffersize)
 
     # ---- receiving -------------------------------------------------------
 
@@ -199,9 +310,7 @@ class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
         elif max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, not {max_bytes!r}")
         if self._receiving:
-            raise trio.BusyResourceError(
-                "another task is currently receiving data on this SocketStream"
-            )
+            _refuse_busy_receive()
         self._receiving = True
         try:
             sock = self._sock
@@ -225,19 +334,22 @@ class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
-    async def __anext__(self) -> bytes:
-        """The next :meth:`receive_some` (default size); stops at end of stream.
+    # ---- COPY KEPT FOR MEMORY: __anext__ repeats receive_some's body ------
+    #
+    # ``async for data in stream`` is how most handlers receive, and an idle
+    # connection spends its life waiting in here. Calling receive_some()
+    # from here (as trio.abc.ReceiveStream does) would keep one more
+    # coroutine frame alive per waiting connection. What it costs: the
+    # "memory per idle connection" row of ``python -m benchmarks.stream_micro``
+    # (its handler uses ``async for``) with a delegating __anext__ swapped
+    # in; what guards it: tests/test_stream.py's
+    # test_async_for_waits_in_its_own_frame. Change one body, change the
+    # other: every receive test there runs through both (``RECEIVERS``).
 
-        ``async for data in stream`` is how most handlers receive, so this is
-        :meth:`receive_some`'s body again rather than a call to it (as
-        :class:`trio.abc.ReceiveStream` does): one coroutine frame less per
-        waiting connection (about 250 bytes) and per call (about 70 ns).
-        tests/test_stream.py runs every receive test through both.
-        """
+    async def __anext__(self) -> bytes:
+        """The next :meth:`receive_some` (default size); stops at end of stream."""
         if self._receiving:
-            raise trio.BusyResourceError(
-                "another task is currently receiving data on this SocketStream"
-            )
+            _refuse_busy_receive()
         self._receiving = True
         try:
             sock = self._sock
@@ -272,6 +384,12 @@ class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
         tsock = self._tsock
         return tsock is not None and tsock.did_shutdown_SHUT_WR
 
+    def _raise_send_error(self, exc: OSError) -> NoReturn:
+        """The trio error for a failed ``send()``: call it in the ``except``."""
+        if self._shut_wr_by_trio_socket():
+            _refuse_send_after_eof()
+        _raise_stream_error(exc)
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data``, waiting while the kernel's buffer is full.
 
@@ -288,7 +406,7 @@ class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
         """
         if self._sending or self._eof:
             if self._eof:
-                raise trio.ClosedResourceError("can't send data after sending EOF")
+                _refuse_send_after_eof()
             _refuse_busy_send()
         self._sending = True
         try:
@@ -300,11 +418,7 @@ class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
                 sent = 0
             except OSError as exc:
                 await cancel_shielded_checkpoint()
-                if self._shut_wr_by_trio_socket():
-                    raise trio.ClosedResourceError(
-                        "can't send data after sending EOF"
-                    ) from None
-                _raise_stream_error(exc)
+                self._raise_send_error(exc)
             # len() of bytes and bytearray (what handlers send) counts bytes;
             # another buffer's may count items, so it takes the careful path.
             if sent == len(data) and type(data) in (bytes, bytearray):
@@ -330,11 +444,7 @@ class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
                 except BlockingIOError:
                     continue
                 except OSError as exc:
-                    if self._shut_wr_by_trio_socket():
-                        raise trio.ClosedResourceError(
-                            "can't send data after sending EOF"
-                        ) from None
-                    _raise_stream_error(exc)
+                    self._raise_send_error(exc)
                 if sent == octets.nbytes:
                     return
 
@@ -395,9 +505,10 @@ class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
     def _close(self) -> None:
         """Close the socket now, waking any task blocked on it; idempotent.
 
-        The synchronous half of :meth:`aclose`, for the listener's cleanup:
-        :func:`trio.lowlevel.notify_closing` first, so that waiters get
-        :exc:`trio.ClosedResourceError` rather than waiting on a dead fd.
+        The synchronous half of :meth:`aclose` (which is this, then a
+        checkpoint). :func:`trio.lowlevel.notify_closing` first, so that
+        waiters get :exc:`trio.ClosedResourceError` rather than waiting on a
+        dead fd.
         """
         sock = self._sock
         if sock.fileno() != -1:
@@ -415,18 +526,13 @@ class SocketStream(SocketAccess, trio.abc.HalfCloseableStream):
 
 def adopt(sock: _stdlib_socket.socket) -> SocketStream:
     """A :class:`SocketStream` over a socket just accepted from a listening
-    socket that :func:`prepare_listening_socket` prepared.
+    socket that :func:`._sockopts.prepare_listening_socket` prepared.
 
-    The constructor's checks hold by construction (``accept()`` on a stream
-    socket gives an exact ``socket.socket``) and the options came with the
-    socket, so this only makes it non-blocking, unless it already is (the
-    PROXY reader made it so): ``getblocking()`` reads Python's own flag, no
-    system call.
+    The constructor without its checks and options: those hold by
+    construction (``accept()`` on a stream socket gives an exact
+    ``socket.socket``, and Linux copies the TCP options from the listening
+    socket), which spares two system calls per connection.
     """
-    if sock.getblocking():
-        sock.setblocking(False)
     stream = SocketStream.__new__(SocketStream)
-    stream._sock = sock
-    stream._tsock = None
-    stream._sending = stream._receiving = stream._eof = False
+    stream._attach(sock)
     return stream

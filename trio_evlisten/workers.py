@@ -23,7 +23,11 @@ The supervisor (the process you start) does no I/O on the port. It:
   exits with status 1 (a crash loop is a bug to fix, not to hide);
 * on SIGINT or SIGTERM sends SIGTERM to every worker, waits up to
   ``--shutdown-timeout`` seconds, SIGKILLs what is left, reaps them all and
-  exits with status 0. A second signal SIGKILLs at once.
+  exits with status 0. A second signal SIGKILLs at once. This holds from
+  the moment it has parsed its command line, also while workers are being
+  started (one then gets SIGTERM as soon as it exists). The workers run in
+  a session of their own, so a terminal's Ctrl-C reaches the supervisor
+  alone, which passes it on as SIGTERM.
 
 A worker on SIGTERM/SIGINT stops accepting, lets running handlers finish for
 ``--drain-timeout`` seconds, cancels the rest and exits 0. It also exits by
@@ -55,7 +59,8 @@ from ._cli import OneLineParser
 from ._flags import Flag
 from ._open import open_listener
 from ._option_flags import add_arguments, from_arguments, to_argv
-from ._supervisor import Supervisor, reserve_port
+from ._options import resolve
+from ._supervisor import Supervisor, hold_stop_signals, reserve_port
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -162,11 +167,21 @@ async def _watch_parent(supervisor_pid: int, scope: trio.CancelScope) -> None:
 # Command line
 
 
+_EPILOG: Final = """\
+exit status: 0 after SIGINT or SIGTERM (every worker stopped and reaped),
+1 if workers kept dying (more than --max-restarts restarts within
+--restart-window seconds), 2 for bad arguments.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m trio_evlisten.workers",
         description="Serve an accept callback in N processes sharing a port "
-        "(SO_REUSEPORT), restarting workers that die.",
+        "(SO_REUSEPORT),\nrestarting workers that die. SIGINT or SIGTERM "
+        "stops them all.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "handler",
@@ -175,22 +190,44 @@ def _parser() -> argparse.ArgumentParser:
         help="MODULE:FUNC, an async def cb(listener, conn, addr) "
         f"(default: {DEFAULT_HANDLER})",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)"
+    )
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="default: CPU count"
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="worker processes (default: the CPU count)",
     )
-    parser.add_argument("--max-restarts", type=int, default=10, help="default: 10")
     parser.add_argument(
-        "--restart-window", type=float, default=60.0, help="default: 60 s"
+        "--max-restarts",
+        type=int,
+        default=10,
+        metavar="N",
+        help="stop everything and exit 1 when workers would be restarted more "
+        "than this many times within --restart-window (default: 10)",
     )
     parser.add_argument(
-        "--shutdown-timeout", type=float, default=10.0, help="default: 10 s"
+        "--restart-window",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="the window --max-restarts counts restarts in (default: 60.0)",
     )
-    add_arguments(parser)  # every listener option with a command-line spelling
-    # A worker that does not finish its handlers soon is SIGKILLed by the
-    # supervisor (--shutdown-timeout) anyway: drain for less than that.
-    parser.set_defaults(drain_timeout=DEFAULT_DRAIN_TIMEOUT)
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="after a stop, SIGKILL the workers still there after this many "
+        "seconds (default: 10.0)",
+    )
+    # Every listener option with a command-line spelling. A worker that does
+    # not finish its handlers soon is SIGKILLed by the supervisor
+    # (--shutdown-timeout) anyway: drain for less than that.
+    add_arguments(parser, defaults={"drain_timeout": DEFAULT_DRAIN_TIMEOUT})
     # Internal: how the supervisor starts a worker (the supervisor's pid).
     parser.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
     return parser
@@ -205,16 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s trio_evlisten.workers[%(process)d] %(levelname)s: "
         "%(message)s",
     )
-    if not 0 <= opts.port <= 0xFFFF:
-        parser.error(f"--port must be in 0..65535, not {opts.port}")
-    try:
-        handler = load_handler(opts.handler)
-    except (ImportError, ValueError) as exc:
-        parser.error(f"cannot load the handler {opts.handler!r}: {exc}")
-    options = from_arguments(opts)
-    if "proxy_trusted" in options and not options.get("proxy_protocol"):
-        parser.error("--proxy-trusted needs --proxy-protocol")
     if opts.worker_of is not None:
+        handler, options = _checked(parser, opts)
         trio.run(
             functools.partial(
                 run_worker,
@@ -226,12 +255,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         return 0
+    # From here a stop ends the supervisor cleanly, even before it started
+    # a worker (loading the handler's module may take a while).
+    with hold_stop_signals() as held:
+        return _supervise(parser, opts, held)
+
+
+def _checked(
+    parser: argparse.ArgumentParser, opts: argparse.Namespace
+) -> tuple[AcceptCallback, dict[str, Any]]:
+    """The handler and the listener options, or a usage error (exit 2)."""
+    if not 0 <= opts.port <= 0xFFFF:
+        parser.error(f"--port must be in 0..65535, not {opts.port}")
+    try:
+        handler = load_handler(opts.handler)
+    except (ImportError, ValueError) as exc:
+        parser.error(f"cannot load the handler {opts.handler!r}: {exc}")
+    options = from_arguments(opts)
+    if "proxy_trusted" in options and not options.get("proxy_protocol"):
+        parser.error("--proxy-trusted needs --proxy-protocol")
+    try:
+        # What every worker's open_listener would refuse, refused once here
+        # (--proxy-timeout without --proxy-protocol, say), not in a crash loop.
+        resolve(options, Flag(0), caller="python -m trio_evlisten.workers")
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    return handler, options
+
+
+def _supervise(
+    parser: argparse.ArgumentParser, opts: argparse.Namespace, held: list[int]
+) -> int:
+    _, options = _checked(parser, opts)
     if opts.workers < 1:
         parser.error(f"--workers must be >= 1, not {opts.workers}")
     if opts.max_restarts < 0 or opts.restart_window <= 0:
         parser.error("--max-restarts must be >= 0 and --restart-window > 0")
-    with reserve_port(opts.host, opts.port) as held:
-        port = held.getsockname()[1]
+    with reserve_port(opts.host, opts.port) as held_port:
+        port = held_port.getsockname()[1]
         command = [
             sys.executable,
             "-m",
@@ -259,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             opts.max_restarts,
             opts.restart_window,
             opts.shutdown_timeout,
+            held_signals=held,
         )
         status = trio.run(supervisor.run)
     logger.info("supervisor pid %d: exiting with status %d", os.getpid(), status)
