@@ -8,18 +8,22 @@ also checked in process.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 try:
-    from benchmarks import wrk
+    from benchmarks import drain_load, wrk
     from benchmarks.report import Cell, Workload
 except ImportError:  # .ci/wheel-check copies tests/, not benchmarks/
     pytest.skip("benchmarks/ is not beside tests/", allow_module_level=True)
@@ -248,15 +252,13 @@ def test_stream_micro_runs_and_reports_every_stream() -> None:
 
 @pytest.mark.slow
 def test_drain_load_counts_what_a_stopped_server_lost() -> None:
+    """Each server kind runs under load, is stopped, and every attempt is counted."""
+    kinds = ("single", "workers", "reference")
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "benchmarks.drain_load",
-            "--clients",
-            "20",
-            "--runs",
-            "1",
+            *(sys.executable, "-m", "benchmarks.drain_load", "--server"),
+            ",".join(kinds),
+            *("--clients", "20", "--runs", "1", "--load", "0.3"),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -264,17 +266,116 @@ def test_drain_load_counts_what_a_stopped_server_lost() -> None:
         timeout=120,
         check=False,
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    run = re.search(
-        r"before SIGTERM ok=(\d+) lost=(\d+); after it ok=(\d+) refused=(\d+) "
-        r"reset_at_connect=(\d+) lost=(\d+)",
-        done.stdout,
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for kind in kinds:
+        assert re.search(
+            rf"^{kind}, 20 clients, 1 runs: lost after SIGTERM median \d+ "
+            r"\(min \d+, max \d+\)",
+            done.stdout,
+            re.MULTILINE,
+        ), done.stdout
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["benchmark"] == "drain_load"
+    assert set(result["servers"]) == set(kinds)
+    for kind in kinds:
+        (run,) = result["servers"][kind]["runs"]
+        before, after = run["before"], run["after"]
+        assert before["ok"] > 0, (kind, run)  # the server was serving
+        # Nothing is lost while it runs, and nothing goes uncounted.
+        assert before["lost_reset"] + before["lost_eof"] == 0, (kind, run)
+        assert after["unresolved"] == after["other"] == 0, (kind, run)
+        assert after["refused"] > 0, (kind, run)  # once it is gone: refused
+        assert run["lost"] == after["lost_reset"] + after["lost_eof"]
+        assert result["servers"][kind]["lost_max"] == run["lost"]
+        assert run["server_cpu"] > 0, run
+        assert len(run["clients_cpu"]) == 2, run
+        if kind != "workers":
+            assert set(run["server"]) == {"queued", "accepted_since"}, run
+    # An exact drain loses at most the connections that race its close: the
+    # harness counts no loss of its own making.
+    assert result["servers"]["reference"]["lost_max"] <= 2, done.stdout
+
+
+def test_drain_load_refuses_an_unknown_server() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.drain_load", "--server", "nginx"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
-    assert run is not None, done.stdout
-    ok_before, lost_before = int(run[1]), int(run[2])
-    assert ok_before > 0  # the server was serving
-    assert lost_before == 0  # nothing is lost while it runs
-    assert int(run[4]) > 0  # and once it is gone, connecting is refused
+    assert done.returncode == 2
+    assert "--server takes single, workers, echo-cli, reference, not 'nginx'" in (
+        done.stderr
+    )
+
+
+def test_drain_load_source_addresses_are_distinct_loopback_hosts() -> None:
+    sources = drain_load.source_addresses(70_000)
+    assert len(set(sources)) == 70_000
+    assert sources[:2] == ["127.1.0.1", "127.1.0.2"]
+    for address in sources:
+        octets = [int(o) for o in address.split(".")]
+        assert octets[0] == 127, address
+        assert 1 <= octets[3] <= 254, address
+
+
+def one_attempt(
+    port: int, listener: socket.socket | None, server_side: str
+) -> drain_load.Counts:
+    """One client attempt against ``listener`` (None: nothing listens on ``port``).
+
+    ``server_side``: what the listener does once it accepted: ``"echo"``,
+    ``"eof"`` (read the line, close without echoing) or ``"reset"`` (close
+    with an RST).
+    """
+    load = drain_load.Load(port, 1, ["127.1.0.1"], os.getpid())
+    try:
+        load.start()
+        if listener is not None:
+            listener.settimeout(5)
+            conn, addr = listener.accept()
+            with conn:
+                assert addr[0] == "127.1.0.1"  # bound to the source given
+                line = conn.recv(4096)
+                if server_side == "echo":
+                    conn.sendall(line)
+                elif server_side == "reset":
+                    linger = struct.pack("ii", 1, 0)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        deadline = time.monotonic() + 5
+        while load.conns and time.monotonic() < deadline:
+            for fd, _ in load.ep.poll(0.1):
+                load.event(fd)
+        assert not load.conns
+        return load.share.before
+    finally:
+        load.close()
+
+
+@pytest.mark.parametrize(
+    ("server_side", "expected"),
+    [
+        ("echo", drain_load.Counts(ok=1)),
+        ("eof", drain_load.Counts(lost_eof=1)),
+        ("reset", drain_load.Counts(lost_reset=1)),
+        ("closed", drain_load.Counts(refused=1)),
+    ],
+)
+def test_drain_load_sorts_each_outcome(
+    server_side: str, expected: drain_load.Counts
+) -> None:
+    """Real loopback connections, ended each way the harness has a name for."""
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        port = lsock.getsockname()[1]
+        if server_side == "closed":
+            lsock.close()  # nothing listens there now: refused
+            assert one_attempt(port, None, server_side) == expected
+        else:
+            lsock.listen()
+            assert one_attempt(port, lsock, server_side) == expected
 
 
 @pytest.mark.slow

@@ -5,6 +5,10 @@ foreground, and checks that the handler sees the client's own address (a
 client bound to 127.0.0.5, or ::1), not the proxy's. The configs are the ones
 docs/deploying.md shows. Skipped only where the proxy is not installed (CI
 installs the Debian packages haproxy, nginx and libnginx-mod-stream).
+
+The last test is the fleet's: two echo servers started with the command line
+behind HAProxy with agent checks, continuous clients, SIGTERM to one server:
+HAProxy shows it drained during its lame duck, and not one client fails.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -240,3 +245,148 @@ async def test_behind_nginx_stream_proxy_protocol(tmp_path: Path) -> None:
                 assert echo == payload
                 assert await seen_with(seen, payload) == client
             assert listener.statistics().proxy_rejected == 0
+
+
+# ----------------------------------------------------------------------
+# Draining behind HAProxy: agent check and lame duck
+
+AGENT_CFG = """\
+global
+    maxconn 1000
+    stats socket {dir}/stats.sock mode 600 level admin
+
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+
+frontend app
+    bind 127.0.0.1:{front}
+    default_backend echo
+
+backend echo
+    balance roundrobin
+    server a 127.0.0.1:{a} send-proxy-v2 check inter 2s check-send-proxy \
+agent-check agent-port {a_agent} agent-inter 200ms
+    server b 127.0.0.1:{b} send-proxy-v2 check inter 2s check-send-proxy \
+agent-check agent-port {b_agent} agent-inter 200ms
+"""
+
+
+@asynccontextmanager
+async def echo_server(
+    port: int, agent_port: int, *extra: str
+) -> AsyncIterator[trio.Process]:
+    """``python -m trio_evlisten echo`` with an agent port; yields once listening."""
+    cmd = [
+        sys.executable, "-m", "trio_evlisten", "echo",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--agent-port", str(agent_port), "--proxy-protocol", *extra,
+    ]  # fmt: skip
+    proc = await trio.lowlevel.open_process(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    try:
+        out = b""
+        while b"listening on" not in out:
+            chunk = await proc.stdout.receive_some()
+            assert chunk, (out, await proc.stderr.receive_some())
+            out += chunk
+        yield proc
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            await proc.stdout.aclose()
+            await proc.stderr.aclose()
+
+
+async def show_stat(sock_path: str) -> dict[str, dict[str, str]]:
+    """HAProxy's ``show stat``, the backend ``echo``'s servers by name."""
+    async with await trio.open_unix_socket(sock_path) as stats:
+        await stats.send_all(b"show stat\n")
+        text = b""
+        while chunk := await stats.receive_some():
+            text += chunk
+    header, *rows = text.decode().lstrip("# ").splitlines()
+    names = header.split(",")
+    table = [dict(zip(names, row.split(","), strict=False)) for row in rows if row]
+    return {r["svname"]: r for r in table if r["pxname"] == "echo"}
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
+async def test_sigterm_drains_one_server_behind_haproxy_without_a_failure(
+    tmp_path: Path,
+) -> None:
+    assert HAPROXY is not None
+    front, a, b, a_agent, b_agent = (free_port() for _ in range(5))
+    cfg = tmp_path / "haproxy.cfg"
+    stats = str(tmp_path / "stats.sock")
+    cfg.write_text(
+        AGENT_CFG.format(
+            dir=tmp_path, front=front, a=a, b=b, a_agent=a_agent, b_agent=b_agent
+        )
+    )
+    served = 0
+    failures: list[BaseException] = []
+
+    async def client(stop: trio.Event) -> None:
+        nonlocal served
+        n = 0
+        while not stop.is_set():
+            line = f"client line {n}\n".encode()
+            n += 1
+            try:
+                async with await trio.open_tcp_stream("127.0.0.1", front) as conn:
+                    await conn.send_all(line)
+                    echo = await recv_exactly(conn, len(line))
+                assert echo == line, echo
+            except (OSError, trio.BrokenResourceError, AssertionError) as exc:
+                failures.append(exc)
+            else:
+                served += 1
+
+    with trio.fail_after(40):
+        async with (
+            echo_server(a, a_agent, "--lameduck", "5", "--drain-timeout", "2") as pa,
+            echo_server(b, b_agent),
+            running([HAPROXY, "-db", "-f", str(cfg)], [front]),
+        ):
+            # Both servers up, with the weight their agents gave.
+            while True:
+                servers = await show_stat(stats)
+                if all(servers[s]["status"] == "UP" for s in "ab"):
+                    break
+                await trio.sleep(0.05)
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(client, stop)
+                await trio.sleep(0.5)
+                before = int((await show_stat(stats))["a"]["stot"])
+                assert before > 0
+                served_before = served
+                pa.send_signal(signal.SIGTERM)
+                seen: list[tuple[str, str]] = []
+                while pa.poll() is None:
+                    a_row = (await show_stat(stats))["a"]
+                    seen.append((a_row["status"], a_row["weight"]))
+                    await trio.sleep(0.05)
+                assert pa.returncode == 0
+                # b serves on after a is gone.
+                served_at_exit = served
+                await trio.sleep(0.5)
+                stop.set()
+            after = await show_stat(stats)
+    # a was drained (status DRAIN, weight 0) while it still ran: its lame duck.
+    drained = [s.startswith("DRAIN") or w == "0" for s, w in seen]
+    assert any(drained), seen
+    print("a's status every 50 ms from SIGTERM to exit:", seen)
+    assert failures == []
+    assert served_before > 0
+    assert served > served_at_exit
+    assert int(after["b"]["stot"]) > 0

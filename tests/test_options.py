@@ -42,6 +42,8 @@ EXAMPLES: dict[str, Any] = {
     "client_limit_policy": "hold",
     "client_ipv6_prefix": 56,
     "client_table_size": 1000,
+    "lameduck": 3.5,
+    "agent_port": 9100,
 }
 
 

@@ -171,6 +171,23 @@ async def test_a_lag_under_the_bound_does_not_pause(
         assert listener.statistics().pauses["load"] == 0
 
 
+async def test_the_agent_port_weight_follows_the_loop_lag(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    from tests.test_agent import ask
+
+    async with open_listener(
+        echo_handler, address=LOCAL, flags=FREE, max_loop_lag=0.05, agent_port=0
+    ) as listener:
+        port = listener.agent_port
+        assert port is not None
+        await trio.testing.wait_all_tasks_blocked()
+        assert await ask(port) == "up ready 100%"
+        mock_clock.jump(LAG_PERIOD + 0.03)  # 30 ms late: 60% of the bound
+        await trio.testing.wait_all_tasks_blocked()
+        assert await ask(port) == "up ready 40%"
+
+
 async def test_without_max_loop_lag_there_is_no_timer(
     mock_clock: trio.testing.MockClock,
 ) -> None:

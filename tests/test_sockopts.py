@@ -20,7 +20,7 @@ import trio
 
 from tests.conftest import echo_handler, recv_exactly
 from trio_evlisten import ConnListener, Flag, open_listener
-from trio_evlisten._sockopts import KEEPALIVE_PROBES
+from trio_evlisten._socket import KEEPALIVE_PROBES
 
 LOCAL = ("127.0.0.1", 0)
 FREE = Flag.CLOSE_ON_FREE

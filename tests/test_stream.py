@@ -24,8 +24,7 @@ import trio.testing
 
 from tests.test_socket import is_nonblocking
 from trio_evlisten import Flag, open_listener
-from trio_evlisten._sockopts import NOTSENT_LOWAT
-from trio_evlisten._stream import SocketStream
+from trio_evlisten._stream import NOTSENT_LOWAT, SocketStream
 from trio_evlisten.testing import open_stream_to
 
 #: Wraps one connected stdlib socket into a stream.

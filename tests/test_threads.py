@@ -258,7 +258,7 @@ async def test_enable_from_a_thread_wakes_a_disabled_listener() -> None:
 
 
 async def test_statistics_from_a_thread_agree_on_the_error_pause(
-    autojump_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock,
 ) -> None:
     # The pause after an accept() error ends at a time on Trio's clock, which
     # another thread cannot read: the state forgets a pause once it is over,
@@ -281,7 +281,10 @@ async def test_statistics_from_a_thread_agree_on_the_error_pause(
             there = await trio.to_thread.run_sync(listener.statistics)
             assert here.paused_by_errors
             assert there.paused_by_errors
-            await trio.sleep(1)  # the 10 ms pause is long over
+            # A clock that moves only when told, so the pause cannot run out
+            # while the other thread reads it.
+            mock_clock.jump(1)  # the 10 ms pause is long over
+            await trio.testing.wait_all_tasks_blocked()
             here = listener.statistics()
             there = await trio.to_thread.run_sync(listener.statistics)
             assert (here.errors, here.enabled) == (1, False)

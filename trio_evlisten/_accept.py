@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
-from ._backlog import BACKLOG_MAX, accept_queue
 from ._errors import FD_ERRNOS, Backoff, ErrorClass, GroupedLog, classify, errno_name
 from ._overload import CAPACITY, RATE
+from ._socket import BACKLOG_MAX, accept_queue
 from ._state import ACCEPT, Verdict
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeAlias
 import trio
 
 from ._proxy_reader import Network, trusted_networks
-from ._sockopts import KEEPALIVE_MAX
+from ._socket import KEEPALIVE_MAX
 from ._stream import SocketStream
 
 HandlerErrors = Literal["log", "raise"]
@@ -74,6 +74,19 @@ def keepalive_seconds(value: object, name: str) -> int | None:
     if not 1 <= value <= KEEPALIVE_MAX:
         raise ValueError(
             f"{name} must be None or 1..{KEEPALIVE_MAX} seconds, not {value!r}"
+        )
+    return value
+
+
+def agent_port(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be None or a TCP port (an int), not {value!r}")
+    if not 0 <= value <= 65535:
+        raise ValueError(
+            f"{name} must be None or a TCP port 0..65535 (0: any free one), "
+            f"not {value!r}"
         )
     return value
 

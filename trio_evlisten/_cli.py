@@ -347,8 +347,10 @@ async def serve_echo(options: EchoOptions, *, sock: SockArg | None = None) -> in
             except ValueError as exc:
                 print(f"{PROG} echo: error: {exc}", file=sys.stderr, flush=True)
                 return 2
+            agent = listener.agent_port
             print(
-                f"Echo server listening on {format_address(listener.sockname)}",
+                f"Echo server listening on {format_address(listener.sockname)}"
+                + ("" if agent is None else f", agent check on port {agent}"),
                 flush=True,
             )
             # Without CLOSE_ON_FREE the listener leaves the socket it bound to
@@ -356,10 +358,17 @@ async def serve_echo(options: EchoOptions, *, sock: SockArg | None = None) -> in
             free = options.flags & Flag.CLOSE_ON_FREE
             bound = listener.socket if sock is None and not free else None
             async for signum in signals:
-                if "drain_timeout" in options.listener:
+                given = options.listener
+                if "drain_timeout" in given or given.get("lameduck"):
                     # --drain-timeout: serve the queued connections and give
-                    # the running ones that long before they are cut.
-                    await listener.drain(options.listener["drain_timeout"])
+                    # the running ones that long before they are cut (none
+                    # without it). --lameduck: SIGTERM (a deployment
+                    # stopping us) first tells the balancer; Ctrl-C at a
+                    # terminal has no balancer to wait for.
+                    await listener.drain(
+                        given.get("drain_timeout", 0),
+                        lameduck=None if signum == signal.SIGTERM else 0,
+                    )
                 server.stop(listener, signal.Signals(signum).name)
                 break
     if bound is not None:

@@ -23,8 +23,7 @@ import trio
 from ._errors import GroupedLog
 from ._flags import Flag
 from ._proxy_reader import REJECTED
-from ._sockopts import prepare_listening_socket
-from ._stream import SocketStream, adopt
+from ._stream import SocketStream, adopt, close_socket, prepare_listening_socket
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
 
     from ._options import ListenerOptions
     from ._proxy_reader import ProxyReader
+    from ._recorder import ConnectionRecorder
     from ._state import AcceptCallback, ListenerState
 
 logger: Final = logging.getLogger("trio_evlisten")
@@ -62,6 +62,8 @@ class ConnectionRunner:
     tls_failures: int = attrs.field(default=0, init=False)
     # Accepted sockets inherit the stream's TCP options (see prepare()).
     _adopt: bool = attrs.field(default=False, init=False)
+    #: Where durations are recorded, once metrics are wanted (else None).
+    recorder: ConnectionRecorder | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._log = GroupedLog(
@@ -131,6 +133,7 @@ class ConnectionRunner:
 
     async def _handshake(self, tls: trio.SSLStream[Any], addr: Any) -> bool:
         """Run the server side of the handshake; False if it failed or timed out."""
+        began = trio.current_time()
         with trio.move_on_after(self._options["tls_handshake_timeout"]):
             try:
                 await tls.do_handshake()
@@ -140,6 +143,8 @@ class ConnectionRunner:
                 # logs clean.
                 logger.debug("TLS handshake with %r failed", addr, exc_info=True)
             else:
+                if self.recorder is not None:
+                    self.recorder.tls_handshake.observe(trio.current_time() - began)
                 return True
             finally:
                 # However it ended (done, failed, timed out, cancelled).
@@ -159,6 +164,8 @@ class ConnectionRunner:
         cb: AcceptCallback,
         args: tuple[Any, ...],
         done: Callable[[], None] | None = None,
+        *,
+        since: float | None = None,
     ) -> None:
         """Call the handler with ``handed``; supervise it; close what we own.
 
@@ -166,6 +173,8 @@ class ConnectionRunner:
         ``done``, this is the connection's task itself, and ``done()`` is
         called last (the host's count): one coroutine frame less for each
         waiting connection than a wrapper around this call would cost.
+        ``since``: when the connection's task began (its preamble's start),
+        for the recorded duration; else now.
 
         Error handling:
             A handler's :exc:`Exception` is counted and logged (grouped: the
@@ -178,6 +187,9 @@ class ConnectionRunner:
             as a blocking socket (``LEAVE_SOCKETS_BLOCKING``), which the
             handler then owns.
         """
+        recorder = self.recorder
+        if recorder is not None and since is None:
+            since = trio.current_time()
         try:
             if handed is None:
                 handed = self.plain(conn)
@@ -216,6 +228,9 @@ class ConnectionRunner:
                 if handed is not conn:
                     close(conn)
             finally:
+                if recorder is not None:
+                    assert since is not None
+                    recorder.connection.observe(trio.current_time() - since)
                 if done is not None:
                     done()
 
@@ -239,11 +254,8 @@ def close(conn: StdSocket) -> None:
         ``close()`` fail with ``EBADF``; that connection is gone either way,
         and its cleanup must not end the listener. Logged at DEBUG.
     """
-    if conn.fileno() == -1:
-        return
     try:
-        trio.lowlevel.notify_closing(conn)
-        conn.close()
+        close_socket(conn)
     except OSError:
         logger.debug("closing %r failed", conn, exc_info=True)
 

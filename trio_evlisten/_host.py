@@ -184,6 +184,8 @@ class HandlerHost:
                 if slot:
                     await runner.run(conn, None, addr, cb, args)
                     return
+                recorder = runner.recorder
+                since = None if recorder is None else trio.current_time()
                 if clients is not None and not self._proxied:
                     # Before any TLS handshake: refusing is then cheap.
                     admitted, key = await self._enter(clients, conn, addr)
@@ -205,7 +207,10 @@ class HandlerHost:
                     close(conn)
                     raise
                 slot = True
-                await runner.run(conn, opened[0], opened[1], cb, args)
+                if recorder is not None:
+                    assert since is not None
+                    recorder.queued.observe(trio.current_time() - since)
+                await runner.run(conn, opened[0], opened[1], cb, args, since=since)
         finally:
             if key is not None:
                 assert clients is not None

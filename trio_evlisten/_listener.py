@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from ._accept import Acceptor
-from ._backlog import accept_queue
+from ._agent import AgentServer, lame_duck, snapshot_of
 from ._checks import (
     check_accept_cb,
     check_error_cb,
@@ -40,6 +40,8 @@ from ._host import HandlerHost, task_name
 from ._outcome import shape
 from ._overload import LoopLag, Shedding, TokenBucket, default_burst
 from ._proxy_reader import ProxyReader, trusted_networks
+from ._recorder import ConnectionRecorder
+from ._socket import accept_queue
 from ._state import ListenerState
 from ._stats import DrainResult, ListenerStatistics
 
@@ -92,6 +94,7 @@ class ConnListener:
     _shed: Shedding = attrs.field(init=False)
     _clients: ClientLimiter | None = attrs.field(default=None, init=False)
     _lag: LoopLag | None = attrs.field(default=None, init=False)
+    _agent: AgentServer | None = attrs.field(default=None, init=False)
     _token: trio.lowlevel.TrioToken = attrs.field(
         factory=trio.lowlevel.current_trio_token, init=False
     )
@@ -143,6 +146,8 @@ class ConnListener:
             proxied=self._proxy is not None,
         )
         self._acceptor = Acceptor(self, self._lsock, state, host.start, shed=shed)
+        if options["agent_port"] is not None:
+            self._agent = open_agent(sockname, options["agent_port"], state, self._lag)
 
     def _throttle(self, state: ListenerState, shed: Shedding) -> None:
         """Set up ``max_loop_lag`` and ``max_accept_rate``, if given."""
@@ -272,6 +277,7 @@ class ConnListener:
                 queue_limit=None if queue is None else queue[1],
                 backlog=self._lsock.backlog if queue is None else queue[1],
                 **self._shed_statistics(),
+                lameduck=state.lameduck,
             )
 
     def _shed_statistics(self) -> dict[str, Any]:
@@ -386,6 +392,26 @@ class ConnListener:
         warn_if_fd_limit_below(max_connections)
 
     @property
+    def agent_port(self) -> int | None:
+        """The port answering HAProxy's agent check (``agent_port=``), or ``None``.
+
+        The real port when ``agent_port=0`` asked for a free one.
+        """
+        return None if self._agent is None else self._agent.port
+
+    @property
+    def lameduck(self) -> bool:
+        """Whether a drain's lame duck has begun (``lameduck=``).
+
+        The agent port says ``drain`` and the listener accepts and serves as
+        before; :attr:`draining` is set only when the lame duck is over. A
+        handler that keeps connections alive may use it to ask its client to
+        reconnect (HTTP's ``Connection: close``), so the balancer, which no
+        longer sends here, moves it elsewhere.
+        """
+        return self._state.lameduck
+
+    @property
     def draining(self) -> bool:
         """Whether a drain has begun, so handlers should finish up.
 
@@ -403,10 +429,15 @@ class ConnListener:
         """
         await self._state.draining.wait()
 
-    async def drain(self, grace: float | None = None) -> DrainResult:
+    async def drain(
+        self, grace: float | None = None, *, lameduck: float | None = None
+    ) -> DrainResult:
         """Serve what is queued, stop accepting, let handlers finish, cancel the rest.
 
-        In order: set :attr:`draining` (waking :meth:`wait_draining`);
+        In order: the lame duck, for up to ``lameduck`` seconds (the
+        listener's ``lameduck=`` option if ``None``; see it), during which
+        :attr:`lameduck` is set, the agent port says ``drain`` and the
+        listener goes on accepting; set :attr:`draining` (waking :meth:`wait_draining`);
         accept the connections the kernel has already queued (they completed
         their TCP handshake, so closing the socket now would reset them),
         even on a disabled listener, up to the queue's limit and within
@@ -414,7 +445,10 @@ class ConnListener:
         ``grace`` seconds after the drain began (``None``: as long as it
         takes; a WARNING after 10 s and every 60 s names how many still
         run), for the handlers to return; cancel those still running, and
-        wait for them to unwind.
+        wait for them to unwind. ``grace`` counts from the end of the lame
+        duck. There is no lame duck once a drain began (or its lame duck
+        did), once closed, or after :meth:`mark_handed_off` (the successor
+        serves the port).
 
         Only the handler tasks this listener started are cancelled: with
         ``handler_nursery=`` the nursery and its other tasks are untouched.
@@ -426,18 +460,22 @@ class ConnListener:
 
         Args:
             grace: seconds to wait before cancelling, ``>= 0``, or ``None``.
+            lameduck: seconds of lame duck, ``>= 0`` (``0``: none), or
+                ``None`` for the listener's ``lameduck=``.
 
         Returns:
             A :class:`DrainResult`: how many handlers finished by themselves,
             how many raised, and how many were cancelled.
 
         Raises:
-            TypeError: ``grace`` is not a number of seconds or ``None``.
-            ValueError: ``grace`` is negative or NaN.
+            TypeError: ``grace`` or ``lameduck`` is not a number of seconds
+                or ``None``.
+            ValueError: ``grace`` or ``lameduck`` is negative or NaN.
             RuntimeError: called from another thread (it is async: use
                 :func:`trio.from_thread.run`).
         """
         check_seconds("grace", grace, optional=True)
+        check_seconds("lameduck", lameduck, optional=True)
         if not self._state.check_thread("drain"):
             raise RuntimeError(
                 "ConnListener.drain() was called from a thread other than the "
@@ -451,6 +489,9 @@ class ConnListener:
                 "listener.nursery.start_soon(listener.drain), or return from "
                 "the handler and drain from the task that opened the listener"
             )
+        if lameduck is None:
+            lameduck = self._options["lameduck"]
+        await self._lame_duck(lameduck)
         start = self._runner.ended()
         self._state.begin_drain()
         # Connections past their preamble waiting for a slot start now,
@@ -463,6 +504,26 @@ class ConnListener:
         self._acceptor.sweep()
         self.close()
         return await self._host.finish_drain(start, deadline)
+
+    async def _lame_duck(self, seconds: float) -> None:
+        if not seconds or self._lsock.handed_off:
+            return
+        with self._state.lock:
+            began = self._state.begin_lameduck()
+        if not began:
+            return
+        agent = self._agent
+        logger.info(
+            "listener on %r: lame duck for up to %g s (the agent port says drain)",
+            self._sockname,
+            seconds,
+        )
+        await lame_duck(
+            self._acceptor_count, seconds, None if agent is None else agent.wait_told
+        )
+
+    def _acceptor_count(self) -> int:
+        return self._acceptor.accepted
 
     def close(self) -> None:
         """Stop accepting, for good (``evconnlistener_free``).
@@ -575,6 +636,9 @@ async def run_listener(
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
+            if listener._agent is not None:
+                # First, so that it owns (and closes) the agent's socket.
+                await nursery.start(listener._agent.serve)
             if handler_nursery is None:
                 listener._nursery = nursery
                 # Handlers get a nursery of their own, for drain() to cancel.
@@ -598,12 +662,52 @@ async def run_listener(
                 await listener.drain(options["drain_timeout"])
             else:
                 listener.close()
+            if listener._agent is not None:
+                # Answering "stopped" up to here: the handlers are done now.
+                listener._agent.stop()
     except BaseExceptionGroup as group:
         error = shape(group, listener._host.group, body_error)
     else:
         lsock.warn_if_left_listening()
         return
     raise error
+
+
+def open_agent(
+    sockname: Any, port: int, state: ListenerState, lag: LoopLag | None = None
+) -> AgentServer:
+    """The agent server for a listener bound to ``sockname``, bound to ``port``.
+
+    With ``lag`` (``max_loop_lag``), the weight it reports also says how
+    close the event loop runs to that bound.
+
+    Raises:
+        ValueError: the listener is on a Unix socket (no host to bind on).
+        OSError: the agent port cannot be bound.
+    """
+    if not isinstance(sockname, tuple):
+        raise ValueError(
+            f"agent_port needs a TCP listener (one with a host to answer on), "
+            f"not one on the Unix socket {sockname!r}"
+        )
+    if lag is None:
+        agent = AgentServer(lambda: snapshot_of(state))
+    else:
+        agent = AgentServer(lambda: snapshot_of(state, lag.lag, lag.bound))
+    agent.bind(sockname[0], port)
+    return agent
+
+
+def record_connections(listener: ConnListener) -> ConnectionRecorder:
+    """Make ``listener`` record connection durations; return where (once made, kept).
+
+    For :mod:`trio_evlisten.metrics`: until it is called, a listener's
+    connections record nothing.
+    """
+    runner = listener._runner
+    if runner.recorder is None:
+        runner.recorder = ConnectionRecorder()
+    return runner.recorder
 
 
 async def wait_closed(listener: ConnListener) -> None:

@@ -27,6 +27,7 @@ import trio
 from ._checks import (
     HandlerErrors,
     StreamClass,
+    agent_port,
     boolean,
     check_max_connections,
     file_mode,
@@ -160,6 +161,54 @@ class ListenerOptions(TypedDict, total=False):
                 "accepting, serve the connections the kernel had queued, wait "
                 "this many seconds for running handlers, then cancel them "
                 "(none: wait for all).",
+            ),
+        ),
+    ]
+    lameduck: Annotated[
+        float,
+        Option(
+            0.0,
+            seconds,
+            "a drain (:meth:`~ConnListener.drain`, leaving the block, SIGTERM "
+            "to the command lines) first spends up to this many seconds as a "
+            "lame duck: the agent port (``agent_port=``) answers ``drain`` "
+            "while the listener goes on accepting and serving as before, so "
+            "that the load balancer stops sending before the socket closes. "
+            "With an agent port it ends early once the agent has said "
+            "``drain`` and then no connection arrived for 1 s. Handlers see "
+            ":attr:`~ConnListener.lameduck`; ``listener.draining`` is set "
+            "only when the drain proper begins. ``0``: no lame duck.",
+            Cli(
+                "SECONDS",
+                float,
+                help="on SIGTERM, first spend up to this many seconds as a "
+                "lame duck: the agent port says drain while the server goes on "
+                "accepting and serving, so the load balancer stops sending "
+                "before the port closes; with --agent-port it ends once the "
+                "agent said drain and no connection came for 1 s. Then drain "
+                "(see --drain-timeout). 0: no lame duck.",
+            ),
+        ),
+    ]
+    agent_port: Annotated[
+        int | None,
+        Option(
+            None,
+            agent_port,
+            "answer HAProxy's agent check (``agent-check agent-port PORT``) on "
+            "this TCP port of the listener's host (``0``: a free one, see "
+            ":attr:`~ConnListener.agent_port`): ``up ready NN%`` while "
+            "serving, the weight from free capacity; ``drain`` in the lame "
+            "duck, while draining, disabled or without a callback; ``drain "
+            "stopped#closed`` once closed. Not for a Unix socket listener.",
+            Cli(
+                "PORT",
+                int_or_none,
+                help="answer HAProxy's agent check (agent-check agent-port "
+                "PORT) on this port of --host: 'up ready NN%' while serving, "
+                "the weight from free capacity; 'drain' in the lame duck or "
+                "while draining; 'drain stopped#closed' once closed. Under the "
+                "workers, the supervisor answers for the set.",
             ),
         ),
     ]

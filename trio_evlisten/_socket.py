@@ -1,31 +1,30 @@
-"""Making, wrapping and configuring the listening socket.
+"""The listening socket: making, wrapping, configuring, reading, releasing.
 
-One concern: turn ``address=`` or ``sock=`` plus the flags and backlog into a
-listening, non-blocking socket, and release it again as ``CLOSE_ON_FREE``
-says. Nothing here knows about accepting.
+One stage of the listener, whole: turn ``address=`` or ``sock=`` plus the
+flags, the options (``keepalive``, ``unix_mode``) and the backlog into a
+listening, non-blocking socket, refusing what cannot apply (a flag a Unix
+socket does not have; a string that is a ``host:port``, not a path); say
+what went wrong when binding fails; read the accept queue's depth and
+limit from ``TCP_INFO``; and release the socket again as ``CLOSE_ON_FREE``
+says. Nothing here accepts.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import stat
-from typing import TypeAlias, final
+import struct
+import sys
+from typing import Final, TypeAlias, final
 
 import attrs
 import trio
 
-from ._backlog import check_backlog, listen
-from ._errors import warn_at_caller
+from ._errors import ResourceLimitWarning, warn_at_caller
 from ._flags import Flag
-from ._sockopts import (
-    apply_listening_flags,
-    check_unix_flags,
-    check_unix_path,
-    set_keepalive,
-    so_reuseport,
-)
 
 #: What ``address=`` takes: ``(host, port)``, ``(host, port, flowinfo,
 #: scope_id)`` or a Unix socket path.
@@ -597,3 +596,218 @@ def _check_wrappable(std: socket.socket, flags: Flag, backlog: int) -> None:
             f"sock={std!r} is not bound; bind it first (or pass address= and "
             "let open_listener bind)"
         )
+
+
+# ----------------------------------------------------------------------
+# What each flag and option sets, and what cannot apply
+
+#: Linux's bounds on ``TCP_KEEPIDLE`` (``MAX_TCP_KEEPIDLE``).
+KEEPALIVE_MAX: Final = 32767
+#: libevent 2.2's ``evutil_set_tcp_keepalive``: after ``idle`` seconds, a
+#: probe every ``idle / 3`` seconds, and the connection is dropped after this
+#: many unanswered, so a dead peer is found within twice the idle time.
+KEEPALIVE_PROBES: Final = 3
+
+# "127.0.0.1:8080", "[::1]:80", "localhost:8000": host:port, no path.
+_HOST_PORT: Final = re.compile(r"\[?[^/\[\]]*\]?:[0-9]{1,5}")
+
+
+def check_unix_path(address: object, path: str) -> None:
+    """Refuse a str that is a ``host:port`` rather than a socket path.
+
+    ``address="127.0.0.1:8080"`` would otherwise create a Unix socket file of
+    that name in the working directory, and nothing would listen on TCP.
+    """
+    if isinstance(address, str) and _HOST_PORT.fullmatch(path):
+        host, _, port = path.rpartition(":")
+        raise ValueError(
+            f"address={address!r} looks like host:port, but a str address is a "
+            f"Unix socket path; for TCP give a tuple: "
+            f"address=({host.strip('[]')!r}, {int(port)}); for a socket file of "
+            f"that name, give a path with a slash: './{path}'"
+        )
+
+
+def check_unix_flags(flags: Flag) -> None:
+    """Refuse the flags a Unix socket cannot have, naming each."""
+    if flags & Flag.REUSEABLE:
+        # libevent refuses it too (#1625): SO_REUSEADDR means nothing for a
+        # Unix socket; rebinding a path needs the old file removed, which
+        # CLOSE_ON_FREE does for a path open_listener bound.
+        raise ValueError(
+            "Flag.REUSEABLE (SO_REUSEADDR) is for TCP sockets, not Unix sockets; "
+            "leave it out (with CLOSE_ON_FREE the socket file is removed on "
+            "close, so the path can be bound again)"
+        )
+    if flags & Flag.REUSEABLE_PORT:
+        raise ValueError("Flag.REUSEABLE_PORT is for TCP sockets, not Unix sockets")
+    if flags & Flag.BIND_IPV6ONLY:
+        raise ValueError("Flag.BIND_IPV6ONLY is for IPv6 sockets, not Unix sockets")
+    if flags & Flag.DEFERRED_ACCEPT:
+        # libevent's setsockopt(TCP_DEFER_ACCEPT) fails on a Unix socket, and
+        # its bind with it; a no-op would hide a flag that does nothing.
+        raise ValueError("Flag.DEFERRED_ACCEPT is for TCP sockets, not Unix sockets")
+
+
+def so_reuseport() -> int:
+    """``SO_REUSEPORT``, or a ValueError where the platform lacks it."""
+    opt = getattr(socket, "SO_REUSEPORT", None)
+    if opt is None:
+        raise ValueError(
+            f"Flag.REUSEABLE_PORT needs SO_REUSEPORT, which {sys.platform} lacks"
+        )
+    return int(opt)
+
+
+def set_keepalive(std: socket.socket, idle: int) -> None:
+    """TCP keep-alive as libevent 2.2 sets it on the listeners it binds.
+
+    On the listening socket: Linux copies these options into every socket
+    ``accept()`` returns, so they cost nothing per connection.
+    """
+    std.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    keepidle = getattr(socket, "TCP_KEEPIDLE", None) or getattr(
+        socket,
+        "TCP_KEEPALIVE",
+        None,  # macOS's name for it
+    )
+    if keepidle is not None:
+        std.setsockopt(socket.IPPROTO_TCP, keepidle, idle)
+    if hasattr(socket, "TCP_KEEPINTVL"):
+        std.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(idle // 3, 1))
+    if hasattr(socket, "TCP_KEEPCNT"):
+        std.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
+def apply_listening_flags(std: socket.socket, flags: Flag) -> None:
+    """The flags that apply to bound and wrapped sockets alike."""
+    if flags & Flag.CLOSE_ON_EXEC:
+        os.set_inheritable(std.fileno(), False)
+    if flags & Flag.DEFERRED_ACCEPT and std.family in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    ):
+        _set_deferred_accept(std)
+
+
+def _set_deferred_accept(std: socket.socket) -> None:
+    defer = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if defer is not None:
+        # Linux: wait up to 1 s (as libevent asks) for the first data before
+        # reporting the connection.
+        std.setsockopt(socket.IPPROTO_TCP, defer, 1)
+        return
+    accept_filter = getattr(socket, "SO_ACCEPTFILTER", None)
+    if accept_filter is not None:  # pragma: no cover - FreeBSD
+        # struct accept_filter_arg { char af_name[16]; char af_arg[240]; }
+        arg = b"dataready".ljust(16, b"\0") + b"\0" * 240
+        std.setsockopt(socket.SOL_SOCKET, accept_filter, arg)
+    # Elsewhere a no-op, as in libevent.
+
+
+# ----------------------------------------------------------------------
+# The backlog, and how full the accept queue is
+
+#: libevent caps nothing; trio caps at 0xFFFF because some kernels store the
+#: backlog in 16 bits and a bigger value wraps around to a tiny one.
+BACKLOG_MAX: Final = 0xFFFF
+
+_SOMAXCONN_PATH: Final = "/proc/sys/net/core/somaxconn"
+
+
+def default_backlog() -> int:
+    """The backlog ``backlog < 0`` asks for: the OS maximum, capped at 65535.
+
+    Like trio, read Linux's ``somaxconn`` (the kernel silently truncates any
+    larger value to it anyway); elsewhere ask for the cap and let the kernel
+    truncate.
+    """
+    try:
+        with open(_SOMAXCONN_PATH, "rb") as f:
+            return min(int(f.read()), BACKLOG_MAX)
+    except (OSError, ValueError):
+        return BACKLOG_MAX
+
+
+def somaxconn() -> int | None:
+    """Linux's ``net.core.somaxconn`` (the kernel's cap on any backlog), or None."""
+    try:
+        with open(_SOMAXCONN_PATH, "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def listen(std: socket.socket, backlog: int) -> int:
+    """``listen()`` with ``backlog`` (``< 0``: the default); return the effective one.
+
+    Warns (:class:`ResourceLimitWarning`) when the kernel will cut an asked
+    backlog to ``somaxconn``: connections beyond it are dropped or refused
+    while the listener is busy, which is what the caller tried to avoid.
+    """
+    asked = backlog if backlog > 0 else default_backlog()
+    std.listen(asked)
+    cap = somaxconn()
+    if cap is None or asked <= cap:
+        return asked
+    if backlog > 0:
+        warn_at_caller(
+            ResourceLimitWarning(
+                f"backlog={backlog} was cut to {cap} by the kernel "
+                f"({_SOMAXCONN_PATH}); raise net.core.somaxconn to get it"
+            )
+        )
+    return cap
+
+
+#: ``struct tcp_info``: 8 bytes of u8 fields, then u32 ``tcpi_rto``,
+#: ``tcpi_ato``, ``tcpi_snd_mss``, ``tcpi_rcv_mss``, ``tcpi_unacked`` (offset
+#: 24) and ``tcpi_sacked`` (offset 28). On a listening socket Linux reports
+#: the accept queue's length in ``tcpi_unacked`` and its limit in
+#: ``tcpi_sacked`` (``tcp_get_info`` in net/ipv4/tcp.c).
+_TCP_INFO_QUEUE: Final = struct.Struct("=24xII")
+
+
+def accept_queue(std: socket.socket) -> tuple[int, int] | None:
+    """``(depth, limit)`` of a listening TCP socket's accept queue, or None.
+
+    None on a Unix socket, a platform without ``TCP_INFO``, or a closed socket.
+    """
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if (
+        tcp_info is None
+        or not sys.platform.startswith("linux")
+        or std.family not in (socket.AF_INET, socket.AF_INET6)
+    ):
+        return None
+    try:
+        raw = std.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCP_INFO_QUEUE.size)
+    except OSError:
+        return None
+    if len(raw) < _TCP_INFO_QUEUE.size:  # pragma: no cover - very old kernels
+        return None
+    depth, limit = _TCP_INFO_QUEUE.unpack_from(raw)
+    return depth, limit
+
+
+#: ``listen()`` takes a C int.
+_INT_MAX: Final = 2**31 - 1
+
+
+def check_backlog(backlog: object, *, wrapping: bool) -> int:
+    """Return ``backlog`` if it is valid (for ``sock=`` if ``wrapping``), else raise."""
+    if isinstance(backlog, bool) or not isinstance(backlog, int):
+        raise TypeError(f"backlog must be an int, not {backlog!r}")
+    if backlog > _INT_MAX:
+        raise ValueError(
+            f"backlog must be -1 (the OS maximum), 0 (sock= already listening) "
+            f"or 1..{_INT_MAX} (the kernel caps it at somaxconn anyway), "
+            f"not {backlog!r}"
+        )
+    if backlog == 0 and not wrapping:
+        raise ValueError(
+            "backlog=0 means 'the socket is already listening', which only "
+            "makes sense with sock=; with address= give backlog=-1 (a good "
+            "default) or a positive queue length"
+        )
+    return backlog

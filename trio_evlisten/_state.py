@@ -61,6 +61,8 @@ State rules, all kept here and nowhere else, and true:
   decide-then-``accept()``, is under one lock, so a ``disable()`` or
   ``close()`` that returned in any thread is obeyed by the very next
   ``accept()``. Without it, a call from another thread is refused.
+* ``lameduck`` (a drain's first phase, :mod:`._agent`) changes no verdict:
+  the listener accepts as before, and only the agent's reply reads it.
 * A connection with a preamble (PROXY header, TLS handshake) is ``pending``
   from accept until its handler may start; it then takes a slot of
   ``max_connections`` in FIFO order (:meth:`~ListenerState.take_slot`,
@@ -130,6 +132,9 @@ class ListenerState:
     resume_at: float = attrs.field(default=-math.inf, init=False)
     # The pause was for EMFILE/ENFILE: a connection that ends frees an fd.
     _fd_pause: bool = attrs.field(default=False, init=False)
+    #: Set when a drain's lame duck begins (never unset): the agent says
+    #: ``drain``, accepting goes on (see :mod:`._agent`).
+    lameduck: bool = attrs.field(default=False, init=False)
     #: Set when a drain begins (never unset).
     draining: trio.Event = attrs.field(factory=trio.Event, init=False)
     #: Set once the drain's grace ran out and it cancels what is left: what
@@ -330,6 +335,17 @@ class ListenerState:
 
     def begin_drain(self) -> None:
         self.draining.set()
+
+    def begin_lameduck(self) -> bool:
+        """Enter the lame duck; return False if it is too late for one.
+
+        Too late: closed, or a drain already began (its lame duck is over,
+        or another drain is in it).
+        """
+        if self.closed or self.draining.is_set() or self.lameduck:
+            return False
+        self.lameduck = True
+        return True
 
     # ------------------------------------------------------------------
     # Threads

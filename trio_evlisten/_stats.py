@@ -48,6 +48,8 @@ class ListenerStatistics:
             (``queue_limit`` when known; else what ``listen()`` was given,
             capped); ``None`` for a ``sock=`` that was already listening on
             a platform without ``TCP_INFO``.
+        lameduck: whether a drain's lame duck has begun (``lameduck=``):
+            the agent port says ``drain``, accepting goes on.
         paused_by_load: whether accepting is paused now because the event
             loop runs later than ``max_loop_lag``.
         load_paused_seconds: seconds spent paused for load so far.
@@ -85,6 +87,7 @@ class ListenerStatistics:
     queue_depth: int | None = None
     queue_limit: int | None = None
     backlog: int | None = None
+    lameduck: bool = False
     paused_by_load: bool = False
     load_paused_seconds: float = 0.0
     loop_lag: float | None = None

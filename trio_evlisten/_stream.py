@@ -33,8 +33,6 @@ from trio.lowlevel import (
     wait_writable,
 )
 
-from ._sockopts import STREAM_TCP_OPTIONS, TCP_FAMILIES
-
 if TYPE_CHECKING:
     if sys.version_info >= (3, 12):
         from collections.abc import Buffer
@@ -93,6 +91,55 @@ def _refuse_busy_send() -> NoReturn:
 
 def _refuse_send_after_eof() -> NoReturn:
     raise trio.ClosedResourceError("can't send data after sending EOF") from None
+
+
+#: ``TCP_NOTSENT_LOWAT`` as trio sets it: a socket reports writable only while
+#: it holds less than this much data not yet sent, so a sender is paced by
+#: the network instead of filling megabytes of kernel buffer (lower latency,
+#: less memory, and ``wait_send_all_might_not_block`` means something). trio
+#: picked 16 KiB (python-trio/trio#72: "bandwidth * rescheduling interval");
+#: we keep it so the two streams behave alike.
+NOTSENT_LOWAT: Final = 2**14
+
+TCP_FAMILIES: Final = frozenset(
+    {_stdlib_socket.AF_INET, getattr(_stdlib_socket, "AF_INET6", -1)}
+)
+
+#: The options a stream sets on a TCP socket (:class:`SocketStream` and
+#: trio's alike), each on its own: one refused does not skip the next.
+#: TCP_NOTSENT_LOWAT is left out where the platform has no such constant,
+#: as trio leaves it out.
+STREAM_TCP_OPTIONS: Final[tuple[tuple[int, int, int], ...]] = (
+    (_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1),
+) + (
+    ((_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT),)
+    if hasattr(_stdlib_socket, "TCP_NOTSENT_LOWAT")
+    else ()
+)
+
+
+def prepare_listening_socket(sock: _stdlib_socket.socket) -> bool:
+    """Set the options :class:`SocketStream` sets, once, on a listening socket.
+
+    Linux copies ``TCP_NODELAY`` and ``TCP_NOTSENT_LOWAT`` from a listening
+    socket into every socket ``accept()`` returns (checked in
+    tests/test_stream.py), so a listener that sets them here can hand its
+    connections to :func:`adopt`, two system calls cheaper per connection.
+
+    Returns:
+        Whether accepted sockets will come with the options (False elsewhere
+        than Linux, or if the kernel refused one): then use the constructor.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    if sock.family not in TCP_FAMILIES:
+        return True  # nothing to set: a Unix socket has no TCP options
+    try:
+        for level, option, value in STREAM_TCP_OPTIONS:
+            sock.setsockopt(level, option, value)
+    except OSError:
+        return False
+    return True
 
 
 @final
@@ -510,10 +557,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
         waiters get :exc:`trio.ClosedResourceError` rather than waiting on a
         dead fd.
         """
-        sock = self._sock
-        if sock.fileno() != -1:
-            notify_closing(sock)
-            sock.close()
+        close_socket(self._sock)
 
     async def aclose(self) -> None:
         """Close the stream (and its socket); idempotent, and a checkpoint.
@@ -526,7 +570,7 @@ class SocketStream(trio.abc.HalfCloseableStream):
 
 def adopt(sock: _stdlib_socket.socket) -> SocketStream:
     """A :class:`SocketStream` over a socket just accepted from a listening
-    socket that :func:`._sockopts.prepare_listening_socket` prepared.
+    socket that :func:`prepare_listening_socket` prepared.
 
     The constructor without its checks and options: those hold by
     construction (``accept()`` on a stream socket gives an exact
@@ -536,3 +580,17 @@ def adopt(sock: _stdlib_socket.socket) -> SocketStream:
     stream = SocketStream.__new__(SocketStream)
     stream._attach(sock)
     return stream
+
+
+def close_socket(sock: _stdlib_socket.socket) -> None:
+    """Close ``sock`` now, waking any task blocked on it; idempotent.
+
+    :func:`trio.lowlevel.notify_closing` first, so that waiters get
+    :exc:`trio.ClosedResourceError` rather than waiting on a dead fd. The
+    one way this package closes a connection's socket: the stream's
+    :meth:`~SocketStream.aclose` and the listener's cleanup (which also
+    keeps an ``OSError`` from leaving it).
+    """
+    if sock.fileno() != -1:
+        notify_closing(sock)
+        sock.close()

@@ -117,6 +117,15 @@ class Supervisor:
     _killing: bool = attrs.field(default=False, init=False)
     _failed: bool = attrs.field(default=False, init=False)
 
+    def worker_pids(self) -> dict[int, int]:
+        """The pid running in each slot now (any thread may call it)."""
+        return {slot: proc.pid for slot, proc in list(self._procs.items())}
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the workers are being stopped (a signal, or a crash loop)."""
+        return self._stop.is_set()
+
     async def run(self) -> int:
         """Supervise until a signal (returns 0) or a crash loop (returns 1)."""
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:

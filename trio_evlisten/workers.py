@@ -49,12 +49,15 @@ import functools
 import importlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from ._agent import AgentServer, AgentSnapshot
 from ._cli import OneLineParser
 from ._flags import Flag
 from ._open import open_listener
@@ -118,6 +121,7 @@ async def run_worker(
     port: int,
     *,
     supervisor_pid: int | None,
+    metrics_dir: str | None = None,
     **options: Unpack[ListenerOptions],
 ) -> None:
     """Serve ``handler`` on ``(host, port)`` with ``REUSEABLE_PORT`` until told to stop.
@@ -142,6 +146,11 @@ async def run_worker(
             )
             if supervisor_pid is not None:
                 nursery.start_soon(_watch_parent, supervisor_pid, nursery.cancel_scope)
+            if metrics_dir is not None:
+                from .metrics import write_worker_metrics
+
+                path = os.path.join(metrics_dir, f"{os.getpid()}.prom")
+                nursery.start_soon(write_worker_metrics, listener, path)
             async for signum in signals:
                 logger.info(
                     "worker pid %d got %s; stopping",
@@ -165,6 +174,59 @@ async def _watch_parent(supervisor_pid: int, scope: trio.CancelScope) -> None:
 
 # ----------------------------------------------------------------------
 # Command line
+
+
+def _set_snapshot(supervisor: Supervisor) -> AgentSnapshot:
+    """The set of workers as the agent check sees it: serving, or stopping.
+
+    The supervisor answers for the set: HAProxy sees one server (one address,
+    one ``agent-port``), which stays up while a worker restarts, and only the
+    supervisor knows that the whole set is stopping. Workers binding the
+    agent port with ``SO_REUSEPORT`` instead would give each check a random
+    worker's answer. It has no view of the workers' load, so the weight is
+    100% while serving.
+    """
+    stopping = supervisor.stopping
+    return AgentSnapshot(
+        closed=False,
+        accepting=not stopping,
+        lameduck=stopping,
+        draining=False,
+        active=0,
+        pending=0,
+        max_connections=None,
+    )
+
+
+async def _run_with_agent(supervisor: Supervisor, agent: AgentServer | None) -> int:
+    """Run the supervisor, and the set's agent port beside it while it runs."""
+    if agent is None:
+        return await supervisor.run()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.serve)
+        logger.info("agent check answered on port %d", agent.port)
+        status = await supervisor.run()
+        agent.stop()
+    return status
+
+
+def _serve_metrics(
+    host: str, port: int, directory: str, supervisor: Supervisor
+) -> None:
+    """Serve the set's metrics over HTTP (a daemon thread), from ``directory``.
+
+    Raises:
+        ImportError: prometheus_client is not installed.
+        OSError: the port cannot be bound.
+    """
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from .metrics import WorkerSetCollector
+
+    registry = CollectorRegistry()
+    registry.register(WorkerSetCollector(directory, supervisor.worker_pids))
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    logger.info("metrics served on port %d", server.server_port)
 
 
 _EPILOG: Final = """\
@@ -228,8 +290,18 @@ def _parser() -> argparse.ArgumentParser:
     # not finish its handlers soon is SIGKILLed by the supervisor
     # (--shutdown-timeout) anyway: drain for less than that.
     add_arguments(parser, defaults={"drain_timeout": DEFAULT_DRAIN_TIMEOUT})
-    # Internal: how the supervisor starts a worker (the supervisor's pid).
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the workers' Prometheus metrics at http://HOST:PORT/metrics, "
+        "one series per worker, labelled with its slot; needs "
+        "trio_evlisten[prometheus]",
+    )
+    # Internal: how the supervisor starts a worker (the supervisor's pid, and
+    # where the worker writes its metrics).
     parser.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-dir", help=argparse.SUPPRESS)
     return parser
 
 
@@ -251,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 opts.host,
                 opts.port,
                 supervisor_pid=opts.worker_of,
+                metrics_dir=opts.metrics_dir,
                 **options,
             )
         )
@@ -291,6 +364,19 @@ def _supervise(
         parser.error(f"--workers must be >= 1, not {opts.workers}")
     if opts.max_restarts < 0 or opts.restart_window <= 0:
         parser.error("--max-restarts must be >= 0 and --restart-window > 0")
+    # The supervisor answers the agent check for the set (see _run_with_agent).
+    agent_port = options.pop("agent_port", None)
+    agent = None
+    if agent_port is not None:
+        agent = AgentServer(lambda: _set_snapshot(supervisor))
+        try:
+            agent.bind(opts.host, agent_port)
+        except OSError as exc:
+            logger.error("%s", exc)
+            return 1
+    metrics_dir = None
+    if opts.metrics_port is not None:
+        metrics_dir = tempfile.mkdtemp(prefix="trio_evlisten-metrics-")
     with reserve_port(opts.host, opts.port) as held_port:
         port = held_port.getsockname()[1]
         command = [
@@ -304,6 +390,7 @@ def _supervise(
             "--port",
             str(port),
             *to_argv(options),
+            *([] if metrics_dir is None else ["--metrics-dir", metrics_dir]),
             opts.handler,
         ]
         logger.info(
@@ -319,10 +406,23 @@ def _supervise(
             opts.workers,
             opts.max_restarts,
             opts.restart_window,
-            opts.shutdown_timeout,
+            # Each worker spends up to --lameduck accepting before it drains.
+            opts.shutdown_timeout + options.get("lameduck", 0.0),
             held_signals=held,
         )
-        status = trio.run(supervisor.run)
+        if metrics_dir is not None:
+            try:
+                _serve_metrics(opts.host, opts.metrics_port, metrics_dir, supervisor)
+            except (ImportError, OSError) as exc:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+                parser.error(f"--metrics-port {opts.metrics_port}: {exc}")
+        try:
+            status = trio.run(_run_with_agent, supervisor, agent)
+        finally:
+            if agent is not None:
+                agent.close()
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     logger.info("supervisor pid %d: exiting with status %d", os.getpid(), status)
     return status
 
