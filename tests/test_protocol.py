@@ -11,6 +11,8 @@ import functools
 import logging
 import socket
 import struct
+import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ from trio_evlisten._transport import Transport
 
 from .asyncio_docs_echo import EchoServerProtocol
 from .conftest import recv_exactly
+from .test_examples import EXAMPLES, load_echo, start_echo, stop
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -639,3 +642,55 @@ async def test_arguments_are_checked() -> None:
             listener.set_cb(Recorder, 1)
         with pytest.raises(TypeError, match="async function"):
             listener.set_cb(handler)
+
+
+# ----------------------------------------------------------------------
+# examples/echo_protocol.py: examples/echo.py's behaviour, in protocol mode
+
+ECHO_PROTOCOL = EXAMPLES / "echo_protocol.py"
+
+
+@pytest.mark.slow
+async def test_echo_protocol_example_serves_and_stops_quietly(engine: str) -> None:
+    if engine != "epoll":
+        pytest.skip("a subprocess: the engine it runs is its platform's")
+    proc, port = start_echo(args=(str(ECHO_PROTOCOL),))
+    try:
+        results: dict[int, bytes] = {}
+
+        async def client(i: int) -> None:
+            payload = f"client {i}: ".encode() * (1 + i % 50)
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(payload)
+                await stream.send_eof()
+                results[i] = await read_all(stream)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(100):
+                    nursery.start_soon(client, i)
+        assert all(
+            results[i] == f"client {i}: ".encode() * (1 + i % 50) for i in results
+        )
+        assert len(results) == 100
+    finally:
+        out, err = stop(proc)
+    assert proc.returncode == 0
+    assert err == ""
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("arg", ["0", "65536", "abc"])
+def test_echo_protocol_example_refuses_a_bad_port(arg: str, engine: str) -> None:
+    if engine != "epoll":
+        pytest.skip("a subprocess: the engine it runs is its platform's")
+    result = subprocess.run(
+        [sys.executable, str(ECHO_PROTOCOL), arg],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.stdout == "Invalid port\n"
+    assert result.returncode == 1
+    echo_protocol = load_echo(ECHO_PROTOCOL)
+    assert echo_protocol.parse_port(["echo_protocol.py"]) == 9876
