@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -24,6 +26,7 @@ import trio.testing
 import trio_evlisten
 from benchmarks.pyservers import EchoProtocol
 from trio_evlisten import _engine
+from trio_evlisten._cli import parse_args, serve_echo
 from trio_evlisten._transport import Transport
 
 from .asyncio_docs_echo import EchoServerProtocol
@@ -694,3 +697,35 @@ def test_echo_protocol_example_refuses_a_bad_port(arg: str, engine: str) -> None
     assert result.returncode == 1
     echo_protocol = load_echo(ECHO_PROTOCOL)
     assert echo_protocol.parse_port(["echo_protocol.py"]) == 9876
+
+
+# ----------------------------------------------------------------------
+# The command line's --protocol
+
+
+async def test_cli_echo_in_protocol_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    options = parse_args(["echo", "--protocol", "--host", "127.0.0.1", "--port", "0"])
+    assert options.protocol
+    status: list[int] = []
+
+    async def serve() -> None:
+        status.append(await serve_echo(options))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await trio.testing.wait_all_tasks_blocked()
+            out = capsys.readouterr().out
+            port = int(out.strip().rpartition(":")[2])
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            await client.send_all(b"hello")
+            assert await recv_exactly(client, 5) == b"hello"
+            # Parked on its signal receiver since it printed its line.
+            os.kill(os.getpid(), signal.SIGINT)
+        # The stop cut the connection, still open.
+        assert await client.receive_some(10) == b""
+        await client.aclose()
+    assert status == [0]
+    assert capsys.readouterr().out == (
+        "Stopped (SIGINT): accepted=1 active=1 errors=0 retried=0 handler_errors=0\n"
+    )
