@@ -380,12 +380,14 @@ async def test_echo_protocol_echoes_and_closes_once_draining(
         async with serving("echo_protocol", monkeypatch) as served:
             listener = served.listener
             await check_echo(listener, b"hello\n" * 1000)
-            async with await open_stream_to(listener) as client:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(listener.drain)
-                    await trio.testing.wait_all_tasks_blocked()
-                    await client.send_all(b"last")
-                    assert await read_to_eof(client) == b"last"
+            async with (
+                await open_stream_to(listener) as client,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(listener.drain)
+                await trio.testing.wait_all_tasks_blocked()
+                await client.send_all(b"last")
+                assert await read_to_eof(client) == b"last"
 
 
 async def test_create_bind_greets_the_client_by_its_address(
