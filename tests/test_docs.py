@@ -270,6 +270,7 @@ TESTED_SNIPPETS = {
     "chat",
     "tls_server",
     "test_tls_server",
+    "overload",  # tested in test_overload.py
 }
 
 

@@ -640,6 +640,9 @@ async def test_arguments_are_checked() -> None:
             | trio_evlisten.Flag.CLOSE_ON_FREE,
         ):
             pass
+    with pytest.raises(ValueError, match="max_connections_per_client= cannot"):
+        async with listen(protocol=Recorder, max_connections_per_client=2):
+            pass
     async with listen(protocol=Recorder) as listener:
         with pytest.raises(TypeError, match="no arguments"):
             listener.set_cb(Recorder, 1)

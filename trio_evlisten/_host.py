@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
+from ._clients import HOLD, REFUSED
 from ._connection import close
 from ._stats import DrainResult
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from socket import socket as StdSocket
 
+    from ._clients import ClientLimiter
     from ._connection import ConnectionRunner
     from ._engine import EpollEngine, TaskEngine
     from ._state import AcceptCallback, ListenerState
@@ -57,6 +59,11 @@ class HandlerHost:
     _wake: Callable[[], None]
     #: The name handler tasks get, for trio's task tree and tracebacks.
     task_name: str
+    #: ``max_connections_per_client``'s counts, or None.
+    _clients: ClientLimiter | None = attrs.field(default=None, kw_only=True)
+    #: Connections start with a PROXY header: the client's address is known
+    #: only after it.
+    _proxied: bool = attrs.field(default=False, kw_only=True)
     # Connections past their preamble, waiting for a slot, first come first.
     _line: trio.lowlevel.ParkingLot = attrs.field(
         factory=trio.lowlevel.ParkingLot, init=False
@@ -188,6 +195,7 @@ class HandlerHost:
         slot = not self._state.preamble
         engine = self._engine
         handed = False
+        clients, key = self._clients, None
         try:
             with scope:
                 if slot:
@@ -195,9 +203,19 @@ class HandlerHost:
                     return
                 recorder = runner.recorder
                 since = None if recorder is None else trio.current_time()
+                if clients is not None and not self._proxied:
+                    # Before any TLS handshake: refusing is then cheap.
+                    admitted, key = await self._enter(clients, conn, addr)
+                    if not admitted:
+                        return
                 opened = await runner.open(conn, addr)
                 if opened is None:
                     return
+                if clients is not None and self._proxied:
+                    # The client is the one the PROXY header named.
+                    admitted, key = await self._enter(clients, conn, opened[1])
+                    if not admitted:
+                        return
                 try:
                     await self._take_slot()
                 except BaseException:
@@ -216,6 +234,9 @@ class HandlerHost:
                     return
                 await runner.run(conn, opened[0], opened[1], cb, args, since=since)
         finally:
+            if key is not None:
+                assert clients is not None
+                clients.leave(key)
             if task is not None:
                 scopes = self._scopes
                 del scopes[task]
@@ -225,6 +246,33 @@ class HandlerHost:
                     scopes.clear()
             if not handed:
                 self._finished(slot=slot)
+
+    @staticmethod
+    async def _enter(
+        clients: ClientLimiter, conn: StdSocket, addr: Any
+    ) -> tuple[bool, int | None]:
+        """Count ``conn`` for its client: ``(admitted, key to leave)``.
+
+        Over the client's limit it is held here (pending, no handler slot)
+        or closed at once, by ``client_limit_policy``.
+
+        Resource handling:
+            ``conn`` is closed here if it is refused, or if holding it is
+            cancelled.
+        """
+        verdict, key = clients.enter(addr)
+        if verdict is REFUSED:
+            close(conn)
+            await trio.lowlevel.checkpoint()
+            return False, None
+        if verdict is HOLD:
+            assert key is not None
+            try:
+                await clients.wait_turn(key)
+            except BaseException:
+                close(conn)
+                raise
+        return True, key
 
     # ------------------------------------------------------------------
     # Slots
