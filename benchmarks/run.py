@@ -76,6 +76,7 @@ PYSERVERS: Final = HERE / "pyservers.py"
 SERVERS: Final[dict[str, str]] = {
     "ours": "trio_evlisten: examples/echo.py",
     "ours-2w": "trio_evlisten.workers --workers 2: SO_REUSEPORT",
+    "ours-protocol": "trio_evlisten protocol mode: examples/echo_protocol.py",
     "ours-lag": "trio_evlisten with max_loop_lag=0.05 (overload workload only)",
     "trio": "trio.serve_tcp",
     "asyncio-streams": "asyncio.start_server (streams)",
@@ -158,6 +159,8 @@ def server_argv(name: str, port: int, bindir: Path, workload: Workload) -> list[
         return [py, str(PYSERVERS), f"{kind[name]}-http", str(port)]
     if name == "ours":
         return [py, str(ROOT / "examples" / "echo.py"), str(port)]
+    if name == "ours-protocol":
+        return [py, str(ROOT / "examples" / "echo_protocol.py"), str(port)]
     if name == "ours-2w":
         # The default handler is the same echo as examples/echo.py's.
         return [

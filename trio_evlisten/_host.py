@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from ._clients import ClientLimiter
     from ._connection import ConnectionRunner
+    from ._engine import EpollEngine, TaskEngine
     from ._state import AcceptCallback, ListenerState
 
 logger: Final = logging.getLogger("trio_evlisten")
@@ -83,9 +84,16 @@ class HandlerHost:
     # One bound method for every connection's task to call when it ends (a
     # bound method per connection would be held while each one runs).
     _done: Callable[[], None] = attrs.field(init=False)
+    # Protocol mode: the engine that serves connections instead of tasks.
+    _engine: EpollEngine | TaskEngine | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._done = self._finished_active
+
+    def use_engine(self, engine: EpollEngine | TaskEngine) -> None:
+        """Protocol mode: connections go to ``engine``, which runs in our nursery."""
+        self._engine = engine
+        engine.done = self._done
 
     # ------------------------------------------------------------------
     # Where handlers run
@@ -103,8 +111,13 @@ class HandlerHost:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 self._spawn_into = nursery
+                if self._engine is not None:
+                    # Beside the handlers, so that a drain cancels it too.
+                    await nursery.start(self._engine.run)
                 task_status.started()
                 await self._state.closed_event.wait()
+                if self._engine is not None:
+                    self._engine.wake()  # to end once idle
         except BaseExceptionGroup as group:
             self.group = group
             raise
@@ -141,7 +154,9 @@ class HandlerHost:
             # costs a string per connection, held while it lives, and CPU on
             # the accept path.
             assert self._spawn_into is not None
-            if self._scoped or preamble:
+            if self._engine is not None and not preamble:
+                self._engine.register(conn, addr, cb)
+            elif self._scoped or preamble:
                 self._spawn_into.start_soon(
                     self._run, conn, addr, cb, args, name=self.task_name
                 )
@@ -178,6 +193,8 @@ class HandlerHost:
             self._scopes[task] = own
         runner = self._runner
         slot = not self._state.preamble
+        engine = self._engine
+        handed = False
         clients, key = self._clients, None
         try:
             with scope:
@@ -210,6 +227,11 @@ class HandlerHost:
                 if recorder is not None:
                     assert since is not None
                     recorder.queued.observe(trio.current_time() - since)
+                if engine is not None:
+                    # The engine holds the slot from here, and the socket.
+                    handed = True
+                    engine.register(conn, opened[1], cb)
+                    return
                 await runner.run(conn, opened[0], opened[1], cb, args, since=since)
         finally:
             if key is not None:
@@ -222,7 +244,8 @@ class HandlerHost:
                     # A dict never shrinks by deleting: give back the table
                     # a burst of connections grew (clear() does, cheaply).
                     scopes.clear()
-            self._finished(slot=slot)
+            if not handed:
+                self._finished(slot=slot)
 
     @staticmethod
     async def _enter(
@@ -288,6 +311,8 @@ class HandlerHost:
             self._wake()
         if idle and self._idle is not None:
             self._idle.set()
+        if idle and self._engine is not None:
+            self._engine.wake()  # its task ends once closed and idle
 
     # ------------------------------------------------------------------
     # Draining

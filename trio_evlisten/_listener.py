@@ -34,6 +34,7 @@ from ._checks import (
 )
 from ._clients import ClientLimiter
 from ._connection import ConnectionRunner
+from ._engine import make_engine, prepare_for_protocols
 from ._fd_budget import default_max_pending, warn_if_fd_limit_below
 from ._flags import Flag
 from ._host import HandlerHost, task_name
@@ -44,6 +45,7 @@ from ._recorder import ConnectionRecorder
 from ._socket import accept_queue
 from ._state import ListenerState
 from ._stats import DrainResult, ListenerStatistics
+from ._transport import check_protocol_factory
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -108,6 +110,7 @@ class ConnListener:
                 options["proxy_timeout"],
                 sockname,
             )
+        protocol = options["protocol"]
         self._shed = shed = Shedding(sockname)
         per_client = options["max_connections_per_client"]
         if per_client is not None:
@@ -120,7 +123,8 @@ class ConnListener:
             )
         self._state = state = ListenerState(
             self._flags,
-            self._cb,
+            # Protocol mode: the factory is the handler (None shuts the gate).
+            self._cb if protocol is None else protocol,  # type: ignore[arg-type]
             self._args,
             self._error_cb,
             (),
@@ -136,7 +140,6 @@ class ConnListener:
         self._runner = runner = ConnectionRunner(
             self, state, self._flags, options, self._proxy, sockname
         )
-        runner.prepare(self._lsock.std)
         self._host = host = HandlerHost(
             state,
             runner,
@@ -145,6 +148,13 @@ class ConnListener:
             clients=self._clients,
             proxied=self._proxy is not None,
         )
+        if protocol is None:
+            runner.prepare(self._lsock.std)
+        else:
+            prepare_for_protocols(self._lsock.std)
+            host.use_engine(
+                make_engine(self, state, runner, options["handler_errors"] == "raise")
+            )
         self._acceptor = Acceptor(self, self._lsock, state, host.start, shed=shed)
         if options["agent_port"] is not None:
             self._agent = open_agent(sockname, options["agent_port"], state, self._lag)
@@ -335,7 +345,9 @@ class ConnListener:
 
         Connections accepted from now on go to ``cb(listener, conn, addr,
         *args)``; handlers already running keep the callback they started
-        with. ``cb=None`` stops accepting until a callback is set again.
+        with. ``cb=None`` stops accepting until a callback is set again. In
+        protocol mode (``protocol=``), ``cb`` is the new protocol factory
+        (called with no arguments, so no ``args``).
 
         Raises:
             TypeError: ``cb`` is not ``None`` nor an async function (a plain
@@ -345,7 +357,16 @@ class ConnListener:
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        check_accept_cb(cb, args)
+        if self._options["protocol"] is None:
+            check_accept_cb(cb, args)
+        else:
+            check_protocol_factory(cb, "set_cb's argument in protocol mode")
+            if args:
+                raise TypeError(
+                    f"a protocol factory is called with no arguments, so set_cb "
+                    f"takes none after it (got {args!r}); bind them with "
+                    f"functools.partial"
+                )
         self._change("set_cb", self._state.set_cb, cb, args)
         self._host.task_name = task_name(cb)
 

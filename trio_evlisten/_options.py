@@ -54,6 +54,7 @@ from ._flags import Flag
 from ._overload import positive_seconds_or_none, rate_or_none
 from ._proxy_reader import PROXY_TIMEOUT, Network
 from ._stream import SocketStream
+from ._transport import check_protocol_factory
 
 #: How long a TLS handshake may take, by default, before the connection is
 #: dropped (it runs in the handler's task, so it never blocks accepting).
@@ -210,6 +211,19 @@ class ListenerOptions(TypedDict, total=False):
                 "while draining; 'drain stopped#closed' once closed. Under the "
                 "workers, the supervisor answers for the set.",
             ),
+        ),
+    ]
+    protocol: Annotated[
+        Callable[[], object] | None,
+        Option(
+            None,
+            check_protocol_factory,
+            "protocol mode: serve each connection with ``protocol()``, an "
+            ":class:`asyncio.Protocol` or :class:`asyncio.BufferedProtocol` "
+            "(asyncio's ``protocol_factory``), whose callbacks one task of the "
+            "listener calls for every ready connection, instead of a handler "
+            "task per connection. Give no accept callback then. See the "
+            'tutorial\'s "Protocol mode" for when to use which.',
         ),
     ]
     stream: Annotated[
@@ -562,7 +576,36 @@ def resolve(
             "Flag.LEAVE_SOCKETS_BLOCKING (plain blocking sockets) excludes"
         )
     _refuse_what_cannot_apply(given, resolved, flags)
+    if resolved["protocol"] is not None:
+        _refuse_in_protocol_mode(given, resolved, flags)
     return resolved
+
+
+def _refuse_in_protocol_mode(
+    given: Mapping[str, object], resolved: ListenerOptions, flags: Flag
+) -> None:
+    """Refuse what protocol mode does not do (yet, for TLS and a nursery)."""
+    for name, why in (
+        ("ssl_context", "TLS in protocol mode is not built yet"),
+        (
+            "handler_nursery",
+            "protocol mode serves connections from a task of the listener's own",
+        ),
+        ("stream", "a protocol gets a transport, not a stream"),
+        (
+            "max_connections_per_client",
+            "counting per client in protocol mode is not built yet",
+        ),
+    ):
+        if name in given and resolved[name] is not None:  # type: ignore[literal-required]
+            raise ValueError(
+                f"{name}= cannot be given with protocol=: {why}; leave out one of them"
+            )
+    if flags & Flag.LEAVE_SOCKETS_BLOCKING:
+        raise ValueError(
+            "Flag.LEAVE_SOCKETS_BLOCKING hands handlers blocking sockets, but "
+            "protocol= serves connections with transports; leave out one of them"
+        )
 
 
 def _refuse_what_cannot_apply(
