@@ -250,7 +250,7 @@ def test_the_documented_backoff_output_is_what_the_snippet_prints() -> None:
 
 TESTED_SNIPPETS = {
     "echo_server",
-    "echo_protocol",
+    "protocol_echo",
     "create_bind",
     "create_sock",
     "serve",
@@ -378,7 +378,7 @@ async def test_echo_protocol_echoes_and_closes_once_draining(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with trio.fail_after(10):
-        async with serving("echo_protocol", monkeypatch) as served:
+        async with serving("protocol_echo", monkeypatch) as served:
             listener = served.listener
             await check_echo(listener, b"hello\n" * 1000)
             async with (

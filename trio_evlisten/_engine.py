@@ -27,7 +27,7 @@ Two engines, one behaviour:
   ``wait_readable``/``wait_writable`` and calls the same transport methods.
   It costs a task per connection, which is what protocol mode saves, but
   the protocol sees the same calls in the same order; the tests run under
-  both (``--protocol-engine``).
+  both (the ``engine`` fixture in tests/test_protocol.py).
 
 May not touch: the listener's counts (it tells the host a connection ended
 through ``done``, and bumps the runner's public counters as a handler's end
