@@ -640,9 +640,6 @@ async def test_arguments_are_checked() -> None:
             | trio_evlisten.Flag.CLOSE_ON_FREE,
         ):
             pass
-    with pytest.raises(ValueError, match="max_connections_per_client= cannot"):
-        async with listen(protocol=Recorder, max_connections_per_client=2):
-            pass
     async with listen(protocol=Recorder) as listener:
         with pytest.raises(TypeError, match="no arguments"):
             listener.set_cb(Recorder, 1)
@@ -732,3 +729,33 @@ async def test_cli_echo_in_protocol_mode(capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().out == (
         "Stopped (SIGINT): accepted=1 active=1 errors=0 retried=0 handler_errors=0\n"
     )
+
+
+async def test_max_connections_per_client_counts_live_transports() -> None:
+    # A client's count is given back when its protocol's connection is lost
+    # (not when the engine takes the connection over): over the limit the
+    # next one is refused, and once one of the client's connections ends,
+    # the client may connect again.
+    with trio.fail_after(10):
+        async with listen(
+            protocol=EchoProtocol, max_connections_per_client=2
+        ) as listener:
+            first = await connect(listener)
+            second = await connect(listener)
+            for stream in (first, second):
+                await stream.send_all(b"x")
+                assert await recv_exactly(stream, 1) == b"x"
+            async with await connect(listener) as third:
+                assert await read_all(third) == b""  # refused: closed at once
+            stats = listener.statistics()
+            assert stats.active == 2
+            assert stats.refused["per client"] == 1
+            await first.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert listener.statistics().clients == 1
+            async with await connect(listener) as again:
+                await again.send_all(b"y")
+                assert await recv_exactly(again, 1) == b"y"
+            await second.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert listener.statistics().clients == 0

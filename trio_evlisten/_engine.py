@@ -98,12 +98,24 @@ class Engine:
     done: Callable[[], None] = attrs.field(default=lambda: None, init=False)
     #: The live connections, by fd.
     transports: dict[int, Transport] = attrs.field(factory=dict, init=False)
+    # What to call, by fd, when a connection is lost, besides done(): its
+    # client's count (max_connections_per_client). Empty without that option.
+    _on_lost: dict[int, Callable[[], None]] = attrs.field(factory=dict, init=False)
     # An error to raise out of the engine's task (handler_errors="raise"),
     # met where it could not be raised (in the accept task).
     _error: BaseException | None = attrs.field(default=None, init=False)
 
-    def register(self, sock: StdSocket, addr: Any, factory: Callable[[], Any]) -> None:
+    def register(
+        self,
+        sock: StdSocket,
+        addr: Any,
+        factory: Callable[[], Any],
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         """Serve ``sock`` with a new protocol from ``factory`` (a slot is held).
+
+        ``on_lost`` is called once when the connection ends, before the slot
+        is given back (the host's per-client count).
 
         Error handling:
             A factory or ``connection_made`` that raises ends this connection
@@ -125,10 +137,14 @@ class Engine:
                 self._error = to_raise
                 self.wake()
             finally:
+                if on_lost is not None:
+                    on_lost()
                 self.done()
             return
         transport = Transport(self, sock, addr, protocol)
         self.transports[transport._fd] = transport
+        if on_lost is not None:
+            self._on_lost[transport._fd] = on_lost
         self._start(transport)
         try:
             protocol.connection_made(transport)
@@ -180,8 +196,10 @@ class Engine:
         """
         exc, error, protocol = transport._finish()
         fd = transport._fd
+        on_lost = None
         if self.transports.get(fd) is transport:
             del self.transports[fd]
+            on_lost = self._on_lost.pop(fd, None)
         close(transport._sock)
         try:
             try:
@@ -196,7 +214,11 @@ class Engine:
             if counted:
                 self._count(exc, error, transport._addr)
         finally:
-            self.done()
+            try:
+                if on_lost is not None:
+                    on_lost()
+            finally:
+                self.done()
 
     def _count(self, exc: BaseException | None, error: bool, addr: Any) -> None:
         """Count how a connection ended, as a handler's end is counted."""

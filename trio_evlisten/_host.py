@@ -16,6 +16,7 @@ loop (it only wakes it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 from typing import TYPE_CHECKING, Any, Final
@@ -228,9 +229,15 @@ class HandlerHost:
                     assert since is not None
                     recorder.queued.observe(trio.current_time() - since)
                 if engine is not None:
-                    # The engine holds the slot from here, and the socket.
+                    # The engine holds the slot from here, and the socket,
+                    # and the client's count until the connection is lost.
                     handed = True
-                    engine.register(conn, opened[1], cb)
+                    on_lost = None
+                    if key is not None:
+                        assert clients is not None
+                        on_lost = functools.partial(clients.leave, key)
+                        key = None
+                    engine.register(conn, opened[1], cb, on_lost)
                     return
                 await runner.run(conn, opened[0], opened[1], cb, args, since=since)
         finally:

@@ -592,10 +592,6 @@ def _refuse_in_protocol_mode(
             "protocol mode serves connections from a task of the listener's own",
         ),
         ("stream", "a protocol gets a transport, not a stream"),
-        (
-            "max_connections_per_client",
-            "counting per client in protocol mode is not built yet",
-        ),
     ):
         if name in given and resolved[name] is not None:  # type: ignore[literal-required]
             raise ValueError(
