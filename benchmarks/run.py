@@ -76,6 +76,8 @@ PYSERVERS: Final = HERE / "pyservers.py"
 SERVERS: Final[dict[str, str]] = {
     "ours": "trio_evlisten: examples/echo.py",
     "ours-2w": "trio_evlisten.workers --workers 2: SO_REUSEPORT",
+    "ours-protocol": "trio_evlisten protocol mode: examples/echo_protocol.py",
+    "ours-lag": "trio_evlisten with max_loop_lag=0.05 (overload workload only)",
     "trio": "trio.serve_tcp",
     "asyncio-streams": "asyncio.start_server (streams)",
     "asyncio-protocol": "asyncio Protocol",
@@ -90,6 +92,15 @@ HTTP_SERVERS: Final[dict[str, str]] = {
     "trio": "trio.serve_tcp, the same serve_http",
     "asyncio-streams": "asyncio.start_server + h11, the example ported",
 }
+#: The servers of the overload workload (benchmarks/overload.py: the same
+#: handler, echoing and burning 20 ms of CPU per ``b``), as they are there.
+OVERLOAD_SERVERS: Final[dict[str, str]] = {
+    "ours": "trio_evlisten, no bound",
+    "ours-lag": "trio_evlisten, max_loop_lag=0.05",
+    "trio": "trio.serve_tcp",
+    "asyncio-streams": "asyncio.start_server (streams)",
+}
+OVERLOAD: Final = HERE / "overload.py"
 #: Listening sockets a server opens on its port (default 1): the harness
 #: waits for all of them, so every worker is accepting when the load starts.
 LISTENERS: Final[dict[str, int]] = {"ours-2w": 2}
@@ -114,6 +125,12 @@ WORKLOADS: Final[dict[str, Workload]] = {
         Workload("bulk", "bulk streaming", 8),
         Workload("idle", "idle connections held", 5000),
         Workload("http", "HTTP/1.1 keep-alive GET / (h11), wrk", 50),
+        Workload(
+            "overload",
+            "established connections pinging while new ones flood in, each "
+            "asking for 20 ms of CPU",
+            10,
+        ),
     )
 }
 
@@ -133,13 +150,18 @@ def serves(server: str, workload: Workload) -> bool:
     """Whether ``server`` takes part in ``workload`` (http: only HTTP servers)."""
     if workload.name == "http":
         return server in HTTP_SERVERS or server in HIDDEN_HTTP_SERVERS
-    # The example's feature variants speak HTTP only.
-    return server in SERVERS or server in HIDDEN_SERVERS
+    if workload.name == "overload":
+        return server in OVERLOAD_SERVERS
+    # ours-lag runs the overload workload only, the example's feature
+    # variants (HIDDEN_HTTP_SERVERS) the http one only.
+    return server != "ours-lag" and (server in SERVERS or server in HIDDEN_SERVERS)
 
 
 def server_argv(name: str, port: int, bindir: Path, workload: Workload) -> list[str]:
     """The command line that starts server ``name`` on ``port`` for ``workload``."""
     py = sys.executable
+    if workload.name == "overload":
+        return [py, str(OVERLOAD), "serve", name, str(port)]
     if workload.name == "http":
         if name == "ours":
             return [py, str(ROOT / "examples" / "http_server.py"), str(port)]
@@ -147,6 +169,8 @@ def server_argv(name: str, port: int, bindir: Path, workload: Workload) -> list[
         return [py, str(PYSERVERS), f"{kind.get(name, name)}-http", str(port)]
     if name == "ours":
         return [py, str(ROOT / "examples" / "echo.py"), str(port)]
+    if name == "ours-protocol":
+        return [py, str(ROOT / "examples" / "echo_protocol.py"), str(port)]
     if name == "ours-2w":
         # The default handler is the same echo as examples/echo.py's.
         return [
@@ -422,6 +446,25 @@ def run_cell(
                 if proc.poll() is not None:
                     raise RuntimeError(f"server died (status {proc.returncode})")
                 return Cell.from_wrk(server, workload, summary)
+            if workload.name == "overload":
+                # The flood client, in its own process on the other CPUs,
+                # so its CPU is not the server's.
+                client = [
+                    *(sys.executable, str(OVERLOAD), "client", str(port)),
+                    *("--duration", str(duration)),
+                ]
+                done = subprocess.run(
+                    pinned(client, cpus[1]),
+                    capture_output=True,
+                    text=True,
+                    timeout=duration + LOADGEN_SLACK,
+                    check=False,
+                )
+                if done.returncode != 0:
+                    raise RuntimeError(f"overload client failed: {done.stderr}")
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server died (status {proc.returncode})")
+                return Cell.from_overload(server, workload, json.loads(done.stdout))
             lg = [
                 str(bindir / "loadgen"),
                 workload.name,
@@ -541,7 +584,8 @@ def main(args: Sequence[str]) -> int:
     if not any(serves(s, w) for s in servers for w in workloads):
         raise SystemExit(
             f"none of {', '.join(servers)} runs {', '.join(w.name for w in workloads)}"
-            f"; the http workload runs {', '.join(HTTP_SERVERS)}"
+            f"; the http workload runs {', '.join(HTTP_SERVERS)}, the overload "
+            f"workload {', '.join(OVERLOAD_SERVERS)}"
         )
     settings = dict(SMOKE if ns.smoke else FULL)
     if ns.rounds is not None:
@@ -603,7 +647,10 @@ def main(args: Sequence[str]) -> int:
         servers,
         workloads,
         {**SERVERS, **HIDDEN_SERVERS},
-        {"http": {**HTTP_SERVERS, **HIDDEN_HTTP_SERVERS}},
+        {
+            "http": {**HTTP_SERVERS, **HIDDEN_HTTP_SERVERS},
+            "overload": OVERLOAD_SERVERS,
+        },
     )
     print()
     print(text)

@@ -469,3 +469,43 @@ def test_http_servers_drain_as_the_example_does(kind: str) -> None:
 
 
 GET = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+
+@pytest.mark.slow
+@needs_gcc
+def test_smoke_overload_runs_ours_with_and_without_the_bound_beside_trio() -> None:
+    done = run_smoke(
+        "--servers", "ours,ours-lag,trio,asyncio-streams", "--workloads", "overload"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for server in ("ours", "ours-lag", "trio", "asyncio-streams"):
+        row = re.search(rf"^\| {server} \(.*$", done.stdout, re.MULTILINE)
+        assert row is not None, done.stdout
+        assert "FAILED" not in row.group(0)
+        cells = [c.strip() for c in row.group(0).strip("|").split("|")]
+        # Established p99 and the flood served per second, both measured.
+        assert float(cells[2].split()[0]) > 0
+        assert float(cells[5].split()[0]) > 0
+
+
+def test_overload_cell_metrics() -> None:
+    from benchmarks.report import Cell, Workload
+
+    workload = Workload("overload", "x", 10)
+    out = {
+        "pings": 100,
+        "unanswered": 10,
+        "ping_p50_ms": 2.0,
+        "ping_p99_ms": 40.0,
+        "ping_max_ms": 200.0,
+        "burns": 190,
+        "burns_per_s": 47.5,
+        "flood_errors": 0,
+        "elapsed": 4.0,
+    }
+    cell = Cell.from_overload("ours-lag", workload, out)
+    assert cell.ok
+    assert cell.metrics["pings_per_s"] == 25.0
+    assert cell.metrics["ping_p99_ms"] == 40.0
+    assert not Cell.from_overload("ours", workload, {**out, "burns": 0}).ok
+    assert not Cell.from_overload("ours", workload, {**out, "pings": 0}).ok

@@ -250,6 +250,7 @@ def test_the_documented_backoff_output_is_what_the_snippet_prints() -> None:
 
 TESTED_SNIPPETS = {
     "echo_server",
+    "protocol_echo",
     "create_bind",
     "create_sock",
     "serve",
@@ -269,6 +270,7 @@ TESTED_SNIPPETS = {
     "chat",
     "tls_server",
     "test_tls_server",
+    "overload",  # tested in test_overload.py
 }
 
 
@@ -370,6 +372,23 @@ async def test_echo_server(
     assert (
         "Got an error 24 (Too many open files) on the listener. Shutting down." in out
     )
+
+
+async def test_echo_protocol_echoes_and_closes_once_draining(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with trio.fail_after(10):
+        async with serving("protocol_echo", monkeypatch) as served:
+            listener = served.listener
+            await check_echo(listener, b"hello\n" * 1000)
+            async with (
+                await open_stream_to(listener) as client,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(listener.drain)
+                await trio.testing.wait_all_tasks_blocked()
+                await client.send_all(b"last")
+                assert await read_to_eof(client) == b"last"
 
 
 async def test_create_bind_greets_the_client_by_its_address(

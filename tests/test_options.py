@@ -35,6 +35,13 @@ EXAMPLES: dict[str, Any] = {
     "proxy_trusted": ["10.0.0.0/8", "::1"],
     "proxy_timeout": 0.25,
     "keepalive": 60,
+    "max_loop_lag": 0.05,
+    "max_accept_rate": 100.0,
+    "accept_burst": 10,
+    "max_connections_per_client": 10,
+    "client_limit_policy": "hold",
+    "client_ipv6_prefix": 56,
+    "client_table_size": 1000,
     "lameduck": 3.5,
     "agent_port": 9100,
 }

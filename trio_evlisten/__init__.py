@@ -25,6 +25,7 @@ from ._options import ListenerOptions as ListenerOptions
 from ._stats import DrainResult as DrainResult
 from ._stats import ListenerStatistics as ListenerStatistics
 from ._stream import SocketStream as SocketStream
+from ._transport import Transport as Transport
 from ._version import __version__ as __version__
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "ListenerStatistics",
     "ResourceLimitWarning",
     "SocketStream",
+    "Transport",
     "__version__",
     "activation_sockets",
     "hand_off",
@@ -65,6 +67,7 @@ for _obj in (
     ListenerStatistics,
     ResourceLimitWarning,
     SocketStream,
+    Transport,
     activation_sockets,
     hand_off,
     notify_ready,

@@ -24,6 +24,7 @@ import attrs
 import trio
 
 from ._errors import FD_ERRNOS, Backoff, ErrorClass, GroupedLog, classify, errno_name
+from ._overload import CAPACITY, RATE
 from ._socket import BACKLOG_MAX, accept_queue
 from ._state import ACCEPT, Verdict
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from socket import socket as StdSocket
 
+    from ._overload import Shedding
     from ._socket import ListeningSocket
     from ._state import AcceptCallback, ListenerState
 
@@ -61,6 +63,10 @@ class Acceptor:
     retried: int = attrs.field(default=0, init=False)
     backoff: Backoff = attrs.field(factory=Backoff, init=False)
     _waiter: trio.CancelScope | None = attrs.field(default=None, init=False)
+    #: Counts (and logs) each time accepting stops for capacity or rate.
+    _shed: Shedding | None = attrs.field(default=None, kw_only=True)
+    # Why the accept task last stopped (None: it accepted since).
+    _stopped: Verdict | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._where = where = self._lsock.std.getsockname()
@@ -88,14 +94,18 @@ class Acceptor:
                 with state.lock:
                     state.pause_over(now)
                     verdict = state.may_accept(now)
-                    resume_at = state.resume_at
+                    deadline = state.deadline(verdict, now)
                 if verdict is Verdict.CLOSED:
                     return
                 if verdict is not ACCEPT:
-                    # Shut, full or paused: wait to be woken; a pause also
-                    # ends by itself (then the state forgets it, so that
+                    if verdict is not self._stopped:
+                        self._stopped = verdict
+                        self._count_stop(verdict)
+                    # Shut, full, loaded, rate-limited or paused: wait to be
+                    # woken; a pause and a rate limit also end by themselves
+                    # (then the state forgets the pause, so that
                     # statistics() from any thread sees it over).
-                    await self._park(resume_at if resume_at > now else math.inf)
+                    await self._park(deadline)
                 elif lsock.closed_underfoot():
                     self._on_error(
                         OSError(
@@ -112,9 +122,12 @@ class Acceptor:
                         self._on_error(exc)
                     else:
                         if readable:
+                            self._stopped = None
                             self._accept_batch(ACCEPT_BATCH)
         finally:
             self._log.flush(trio.current_time(), final="; listener closed")
+            if self._shed is not None:
+                self._shed.flush_log("; listener closed")
 
     async def _park(self, deadline: float, *, readable: bool = False) -> bool:
         """Wait until woken, ``deadline``, or (if asked) the socket is readable.
@@ -195,6 +208,27 @@ class Acceptor:
         before = self.accepted
         self._accept_batch(max(limit, ACCEPT_BATCH), sweeping=True)
         return self.accepted - before
+
+    def _count_stop(self, verdict: Verdict) -> None:
+        """Count and log accepting stopping for capacity or the rate limit
+        (a pause for load is the load monitor's to count)."""
+        shed = self._shed
+        if shed is None:
+            return
+        state = self._state
+        if verdict is Verdict.FULL:
+            if state.pending >= state.max_pending:
+                why = f"{state.pending} pending, max_pending={state.max_pending}"
+            else:
+                cap = state.max_connections
+                why = f"{state.active} handlers running, max_connections={cap}"
+            shed.paused(CAPACITY, why)
+        elif verdict is Verdict.RATE:
+            bucket = state.bucket
+            assert bucket is not None
+            shed.paused(
+                RATE, f"max_accept_rate={bucket.rate:g}/s, accept_burst={bucket.burst}"
+            )
 
     def _on_error(self, exc: OSError, *, raising: bool = True) -> bool:
         """Deal with one failed ``accept()``; return whether to go on at once.

@@ -16,6 +16,7 @@ status, so tests can call it in-process:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
 import logging
@@ -97,6 +98,8 @@ class EchoOptions:
     flags: Flag = DEFAULT_FLAGS
     backlog: int = -1
     listener: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Serve the echo in protocol mode (``--protocol``).
+    protocol: bool = False
 
 
 def parse_flag(text: str) -> Flag:
@@ -211,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="listen() backlog; -1 is the OS maximum (default: -1)",
     )
+    echo_parser.add_argument(
+        "--protocol",
+        action="store_true",
+        # Not "protocol": that is the listener option's name, which
+        # from_arguments() would take as the factory.
+        dest="protocol_mode",
+        help="serve the echo in protocol mode: an asyncio Protocol whose "
+        "callbacks one task calls for every ready connection, instead of a "
+        "task per connection",
+    )
     # Every listener option with a command-line spelling (see _options).
     # Without --drain-timeout a stop cuts the connections, so that the
     # summary's "active" says how many it cut.
@@ -235,6 +248,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EchoOptions:
         flags=functools.reduce(operator.or_, ns.flags, Flag(0)),
         backlog=ns.backlog,
         listener=from_arguments(ns),
+        protocol=ns.protocol_mode,
     )
 
 
@@ -260,6 +274,24 @@ async def echo(listener: ConnListener, conn: SocketStream, addr: object) -> None
     async for data in conn:
         await conn.send_all(data)
     # EOF: the listener closes the stream when this returns.
+
+
+class EchoProtocol(asyncio.Protocol):
+    """The echo in protocol mode: the bufferevent's read callback."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        # A peer that does not read what it is sent: stop reading it too.
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
 
 
 @attrs.define(eq=False)
@@ -323,13 +355,17 @@ async def serve_echo(options: EchoOptions, *, sock: SockArg | None = None) -> in
             try:
                 listener = await stack.enter_async_context(
                     open_listener(
-                        echo,
+                        *(() if options.protocol else (echo,)),
                         address=address,
                         sock=sock,
                         flags=options.flags,
                         backlog=options.backlog,
                         error_cb=server.accept_error,
-                        **options.listener,
+                        **(
+                            {"protocol": EchoProtocol, **options.listener}
+                            if options.protocol
+                            else options.listener
+                        ),
                     )
                 )
             except OSError as exc:

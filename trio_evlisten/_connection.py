@@ -240,6 +240,11 @@ class ConnectionRunner:
                 if done is not None:
                     done()
 
+    def count_error(self, exc: Exception, addr: Any) -> None:
+        """Count and log a handler error met outside :meth:`run` (protocol mode)."""
+        self.handler_errors += 1
+        self._log_error(exc, addr)
+
     def _log_error(self, exc: Exception, addr: Any) -> None:
         last = f"{exc!r} from {addr!r}"
         if self._log.record(type(exc).__qualname__, last, trio.current_time()):

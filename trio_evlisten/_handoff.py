@@ -44,7 +44,7 @@ _FDNAME_MAX: Final = 255  # systemd's FDNAME_MAX
 # so the same pid): moves the passed fds to 3, 4, ... and sets LISTEN_PID to
 # its own pid, which only the child knows. Python, not sh: sh takes only
 # one-digit fds in redirections, and we are Python anyway. -I -S keep its
-# start-up short (~15 ms) and independent of the environment.
+# start-up short and independent of the environment.
 _TRAMPOLINE: Final = """\
 import fcntl, os, sys
 src = [int(fd) for fd in sys.argv[1].split(",")]

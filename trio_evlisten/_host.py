@@ -16,6 +16,7 @@ loop (it only wakes it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 from typing import TYPE_CHECKING, Any, Final
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
+from ._clients import HOLD, REFUSED
 from ._connection import close
 from ._stats import DrainResult
 
@@ -33,7 +35,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from socket import socket as StdSocket
 
+    from ._clients import ClientLimiter
     from ._connection import ConnectionRunner
+    from ._engine import EpollEngine, TaskEngine
     from ._state import AcceptCallback, ListenerState
 
 logger: Final = logging.getLogger("trio_evlisten")
@@ -56,6 +60,11 @@ class HandlerHost:
     _wake: Callable[[], None]
     #: The name handler tasks get, for trio's task tree and tracebacks.
     task_name: str
+    #: ``max_connections_per_client``'s counts, or None.
+    _clients: ClientLimiter | None = attrs.field(default=None, kw_only=True)
+    #: Connections start with a PROXY header: the client's address is known
+    #: only after it.
+    _proxied: bool = attrs.field(default=False, kw_only=True)
     # Connections past their preamble, waiting for a slot, first come first.
     _line: trio.lowlevel.ParkingLot = attrs.field(
         factory=trio.lowlevel.ParkingLot, init=False
@@ -76,9 +85,16 @@ class HandlerHost:
     # One bound method for every connection's task to call when it ends (a
     # bound method per connection would be held while each one runs).
     _done: Callable[[], None] = attrs.field(init=False)
+    # Protocol mode: the engine that serves connections instead of tasks.
+    _engine: EpollEngine | TaskEngine | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._done = self._finished_active
+
+    def use_engine(self, engine: EpollEngine | TaskEngine) -> None:
+        """Protocol mode: connections go to ``engine``, which runs in our nursery."""
+        self._engine = engine
+        engine.done = self._done
 
     # ------------------------------------------------------------------
     # Where handlers run
@@ -96,8 +112,13 @@ class HandlerHost:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 self._spawn_into = nursery
+                if self._engine is not None:
+                    # Beside the handlers, so that a drain cancels it too.
+                    await nursery.start(self._engine.run)
                 task_status.started()
                 await self._state.closed_event.wait()
+                if self._engine is not None:
+                    self._engine.wake()  # to end once idle
         except BaseExceptionGroup as group:
             self.group = group
             raise
@@ -134,7 +155,9 @@ class HandlerHost:
             # costs a string per connection, held while it lives, and CPU on
             # the accept path.
             assert self._spawn_into is not None
-            if self._scoped or preamble:
+            if self._engine is not None and not preamble:
+                self._engine.register(conn, addr, cb)
+            elif self._scoped or preamble:
                 self._spawn_into.start_soon(
                     self._run, conn, addr, cb, args, name=self.task_name
                 )
@@ -171,6 +194,9 @@ class HandlerHost:
             self._scopes[task] = own
         runner = self._runner
         slot = not self._state.preamble
+        engine = self._engine
+        handed = False
+        clients, key = self._clients, None
         try:
             with scope:
                 if slot:
@@ -178,9 +204,19 @@ class HandlerHost:
                     return
                 recorder = runner.recorder
                 since = None if recorder is None else trio.current_time()
+                if clients is not None and not self._proxied:
+                    # Before any TLS handshake: refusing is then cheap.
+                    admitted, key = await self._enter(clients, conn, addr)
+                    if not admitted:
+                        return
                 opened = await runner.open(conn, addr)
                 if opened is None:
                     return
+                if clients is not None and self._proxied:
+                    # The client is the one the PROXY header named.
+                    admitted, key = await self._enter(clients, conn, opened[1])
+                    if not admitted:
+                        return
                 try:
                     await self._take_slot()
                 except BaseException:
@@ -192,8 +228,22 @@ class HandlerHost:
                 if recorder is not None:
                     assert since is not None
                     recorder.queued.observe(trio.current_time() - since)
+                if engine is not None:
+                    # The engine holds the slot from here, and the socket,
+                    # and the client's count until the connection is lost.
+                    handed = True
+                    on_lost = None
+                    if key is not None:
+                        assert clients is not None
+                        on_lost = functools.partial(clients.leave, key)
+                        key = None
+                    engine.register(conn, opened[1], cb, on_lost)
+                    return
                 await runner.run(conn, opened[0], opened[1], cb, args, since=since)
         finally:
+            if key is not None:
+                assert clients is not None
+                clients.leave(key)
             if task is not None:
                 scopes = self._scopes
                 del scopes[task]
@@ -201,7 +251,35 @@ class HandlerHost:
                     # A dict never shrinks by deleting: give back the table
                     # a burst of connections grew (clear() does, cheaply).
                     scopes.clear()
-            self._finished(slot=slot)
+            if not handed:
+                self._finished(slot=slot)
+
+    @staticmethod
+    async def _enter(
+        clients: ClientLimiter, conn: StdSocket, addr: Any
+    ) -> tuple[bool, int | None]:
+        """Count ``conn`` for its client: ``(admitted, key to leave)``.
+
+        Over the client's limit it is held here (pending, no handler slot)
+        or closed at once, by ``client_limit_policy``.
+
+        Resource handling:
+            ``conn`` is closed here if it is refused, or if holding it is
+            cancelled.
+        """
+        verdict, key = clients.enter(addr)
+        if verdict is REFUSED:
+            close(conn)
+            await trio.lowlevel.checkpoint()
+            return False, None
+        if verdict is HOLD:
+            assert key is not None
+            try:
+                await clients.wait_turn(key)
+            except BaseException:
+                close(conn)
+                raise
+        return True, key
 
     # ------------------------------------------------------------------
     # Slots
@@ -240,6 +318,8 @@ class HandlerHost:
             self._wake()
         if idle and self._idle is not None:
             self._idle.set()
+        if idle and self._engine is not None:
+            self._engine.wake()  # its task ends once closed and idle
 
     # ------------------------------------------------------------------
     # Draining

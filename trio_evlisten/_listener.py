@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import sys
+import types
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -31,16 +32,20 @@ from ._checks import (
     check_max_connections,
     check_seconds,
 )
+from ._clients import ClientLimiter
 from ._connection import ConnectionRunner
+from ._engine import make_engine, prepare_for_protocols
 from ._fd_budget import default_max_pending, warn_if_fd_limit_below
 from ._flags import Flag
 from ._host import HandlerHost, task_name
 from ._outcome import shape
+from ._overload import LoopLag, Shedding, TokenBucket, default_burst
 from ._proxy_reader import ProxyReader, trusted_networks
 from ._recorder import ConnectionRecorder
 from ._socket import accept_queue
 from ._state import ListenerState
 from ._stats import DrainResult, ListenerStatistics
+from ._transport import check_protocol_factory
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -88,6 +93,9 @@ class ConnListener:
     _runner: ConnectionRunner = attrs.field(init=False)
     _host: HandlerHost = attrs.field(init=False)
     _acceptor: Acceptor = attrs.field(init=False)
+    _shed: Shedding = attrs.field(init=False)
+    _clients: ClientLimiter | None = attrs.field(default=None, init=False)
+    _lag: LoopLag | None = attrs.field(default=None, init=False)
     _agent: AgentServer | None = attrs.field(default=None, init=False)
     _token: trio.lowlevel.TrioToken = attrs.field(
         factory=trio.lowlevel.current_trio_token, init=False
@@ -102,26 +110,65 @@ class ConnListener:
                 options["proxy_timeout"],
                 sockname,
             )
+        protocol = options["protocol"]
+        self._shed = shed = Shedding(sockname)
+        per_client = options["max_connections_per_client"]
+        if per_client is not None:
+            self._clients = ClientLimiter(
+                per_client,
+                options["client_limit_policy"],
+                options["client_ipv6_prefix"],
+                options["client_table_size"],
+                shed,
+            )
         self._state = state = ListenerState(
             self._flags,
-            self._cb,
+            # Protocol mode: the factory is the handler (None shuts the gate).
+            self._cb if protocol is None else protocol,  # type: ignore[arg-type]
             self._args,
             self._error_cb,
             (),
             options["max_connections"],
             options["max_pending"] or default_max_pending(options["max_connections"]),
-            preamble=self._proxy is not None or options["ssl_context"] is not None,
+            # Counting a connection for its client is a step before the
+            # handler, as a PROXY header or a TLS handshake is.
+            preamble=self._proxy is not None
+            or options["ssl_context"] is not None
+            or self._clients is not None,
         )
+        self._throttle(state, shed)
         self._runner = runner = ConnectionRunner(
             self, state, self._flags, options, self._proxy, sockname
         )
-        runner.prepare(self._lsock.std)
         self._host = host = HandlerHost(
-            state, runner, self._wake_acceptor, task_name(self._cb)
+            state,
+            runner,
+            self._wake_acceptor,
+            task_name(self._cb),
+            clients=self._clients,
+            proxied=self._proxy is not None,
         )
-        self._acceptor = Acceptor(self, self._lsock, state, host.start)
+        if protocol is None:
+            runner.prepare(self._lsock.std)
+        else:
+            prepare_for_protocols(self._lsock.std)
+            host.use_engine(
+                make_engine(self, state, runner, options["handler_errors"] == "raise")
+            )
+        self._acceptor = Acceptor(self, self._lsock, state, host.start, shed=shed)
         if options["agent_port"] is not None:
-            self._agent = open_agent(sockname, options["agent_port"], state)
+            self._agent = open_agent(sockname, options["agent_port"], state, self._lag)
+
+    def _throttle(self, state: ListenerState, shed: Shedding) -> None:
+        """Set up ``max_loop_lag`` and ``max_accept_rate``, if given."""
+        options = self._options
+        rate, bound = options["max_accept_rate"], options["max_loop_lag"]
+        bucket = None
+        if rate is not None:
+            bucket = TokenBucket(rate, options["accept_burst"] or default_burst(rate))
+        if bound is not None:
+            self._lag = LoopLag(bound, state, self._wake_acceptor, shed)
+        state.throttle(bucket, lag=bound is not None)
 
     # ------------------------------------------------------------------
     # Public, non-blocking API
@@ -239,8 +286,34 @@ class ConnListener:
                 queue_depth=None if queue is None else queue[0],
                 queue_limit=None if queue is None else queue[1],
                 backlog=self._lsock.backlog if queue is None else queue[1],
+                **self._shed_statistics(),
                 lameduck=state.lameduck,
             )
+
+    def _shed_statistics(self) -> dict[str, Any]:
+        """The statistics of shedding load (under the state's lock)."""
+        state, shed, lag = self._state, self._shed, self._lag
+        try:
+            now: float | None = trio.current_time()
+        except RuntimeError:
+            now = None  # another thread: no clock to read
+        bucket = state.bucket
+        return {
+            "paused_by_load": state.loaded,
+            "load_paused_seconds": 0.0
+            if lag is None
+            else lag.paused_seconds(now)
+            if now is not None
+            else lag.paused_for,
+            "loop_lag": None if lag is None else lag.lag,
+            "paused_by_rate": bucket is not None
+            and now is not None
+            and bucket.ready_at(now) > now,
+            "pauses": types.MappingProxyType(dict(shed.pauses)),
+            "refused": types.MappingProxyType(dict(shed.refused)),
+            "held": shed.held,
+            "clients": 0 if self._clients is None else len(self._clients),
+        }
 
     def enable(self) -> None:
         """Start (or resume) accepting connections (``evconnlistener_enable``).
@@ -272,7 +345,9 @@ class ConnListener:
 
         Connections accepted from now on go to ``cb(listener, conn, addr,
         *args)``; handlers already running keep the callback they started
-        with. ``cb=None`` stops accepting until a callback is set again.
+        with. ``cb=None`` stops accepting until a callback is set again. In
+        protocol mode (``protocol=``), ``cb`` is the new protocol factory
+        (called with no arguments, so no ``args``).
 
         Raises:
             TypeError: ``cb`` is not ``None`` nor an async function (a plain
@@ -282,7 +357,16 @@ class ConnListener:
             RuntimeError: called from another thread without
                 :attr:`Flag.THREADSAFE`.
         """
-        check_accept_cb(cb, args)
+        if self._options["protocol"] is None:
+            check_accept_cb(cb, args)
+        else:
+            check_protocol_factory(cb, "set_cb's argument in protocol mode")
+            if args:
+                raise TypeError(
+                    f"a protocol factory is called with no arguments, so set_cb "
+                    f"takes none after it (got {args!r}); bind them with "
+                    f"functools.partial"
+                )
         self._change("set_cb", self._state.set_cb, cb, args)
         self._host.task_name = task_name(cb)
 
@@ -584,6 +668,8 @@ async def run_listener(
                 listener._nursery = handler_nursery
                 listener._host.use_nursery(handler_nursery)
             await nursery.start(listener._accept)
+            if listener._lag is not None:
+                nursery.start_soon(listener._lag.run)
             try:
                 yield listener
             except BaseException as exc:
@@ -608,8 +694,13 @@ async def run_listener(
     raise error
 
 
-def open_agent(sockname: Any, port: int, state: ListenerState) -> AgentServer:
+def open_agent(
+    sockname: Any, port: int, state: ListenerState, lag: LoopLag | None = None
+) -> AgentServer:
     """The agent server for a listener bound to ``sockname``, bound to ``port``.
+
+    With ``lag`` (``max_loop_lag``), the weight it reports also says how
+    close the event loop runs to that bound.
 
     Raises:
         ValueError: the listener is on a Unix socket (no host to bind on).
@@ -620,7 +711,10 @@ def open_agent(sockname: Any, port: int, state: ListenerState) -> AgentServer:
             f"agent_port needs a TCP listener (one with a host to answer on), "
             f"not one on the Unix socket {sockname!r}"
         )
-    agent = AgentServer(lambda: snapshot_of(state))
+    if lag is None:
+        agent = AgentServer(lambda: snapshot_of(state))
+    else:
+        agent = AgentServer(lambda: snapshot_of(state, lag.lag, lag.bound))
     agent.bind(sockname[0], port)
     return agent
 

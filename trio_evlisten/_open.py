@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 @asynccontextmanager
 async def open_listener(
-    cb: AcceptCallback | None,
+    cb: AcceptCallback | None = None,
     *args: Any,
     address: Address | None = None,
     sock: SockArg | None = None,
@@ -68,6 +68,8 @@ async def open_listener(
         **options: the options beyond libevent's, each described in
             :class:`ListenerOptions` (``max_connections=``,
             ``drain_timeout=``, ``ssl_context=``, ``proxy_protocol=``, ...).
+            With ``protocol=factory`` (protocol mode) give no ``cb``: each
+            connection is served by ``factory()``, an :class:`asyncio.Protocol`.
 
     Yields:
         The running :class:`ConnListener`.
@@ -120,6 +122,12 @@ async def open_listener(
     check_accept_cb(cb, args)
     check_error_cb(error_cb)
     resolved = resolve(options, flags)
+    if resolved["protocol"] is not None and (cb is not None or args):
+        raise TypeError(
+            f"open_listener() got both an accept callback ({cb!r}, args "
+            f"{args!r}) and protocol=: give one of them (a protocol factory "
+            f"takes no arguments: bind them with functools.partial)"
+        )
     # Pending connections hold fds only where a preamble makes them pend.
     preamble = resolved["proxy_protocol"] or resolved["ssl_context"] is not None
     warn_if_fd_limit_below(
@@ -147,7 +155,7 @@ def _is_path(address: object) -> bool:
 
 
 async def serve_listener(
-    cb: AcceptCallback | None,
+    cb: AcceptCallback | None = None,
     *args: Any,
     address: Address | None = None,
     sock: SockArg | None = None,

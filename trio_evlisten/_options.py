@@ -42,9 +42,19 @@ from ._checks import (
     ssl_context_or_none,
     stream_class,
 )
+from ._clients import (
+    IPV6_PREFIX,
+    TABLE_SIZE,
+    ClientPolicy,
+    client_policy,
+    ipv6_prefix,
+    table_size,
+)
 from ._flags import Flag
+from ._overload import positive_seconds_or_none, rate_or_none
 from ._proxy_reader import PROXY_TIMEOUT, Network
 from ._stream import SocketStream
+from ._transport import check_protocol_factory
 
 #: How long a TLS handshake may take, by default, before the connection is
 #: dropped (it runs in the handler's task, so it never blocks accepting).
@@ -203,6 +213,19 @@ class ListenerOptions(TypedDict, total=False):
             ),
         ),
     ]
+    protocol: Annotated[
+        Callable[[], object] | None,
+        Option(
+            None,
+            check_protocol_factory,
+            "protocol mode: serve each connection with ``protocol()``, an "
+            ":class:`asyncio.Protocol` or :class:`asyncio.BufferedProtocol` "
+            "(asyncio's ``protocol_factory``), whose callbacks one task of the "
+            "listener calls for every ready connection, instead of a handler "
+            "task per connection. Give no accept callback then. See the "
+            'tutorial\'s "Protocol mode" for when to use which.',
+        ),
+    ]
     stream: Annotated[
         StreamClass,
         Option(
@@ -343,6 +366,146 @@ class ListenerOptions(TypedDict, total=False):
             "proxy.",
         ),
     ]
+    # Shedding load at the door (see _overload.py and _clients.py).
+    max_loop_lag: Annotated[
+        float | None,
+        Option(
+            None,
+            positive_seconds_or_none,
+            "stop accepting while Trio's event loop runs later than this many "
+            "seconds (measured by a timer that asks to wake every 5 ms; without "
+            "this option there is no timer): connections wait in the kernel's "
+            "backlog, as at ``max_connections``, and accepting resumes once the "
+            "lag is back under half the bound. Near the bound, one connection "
+            "is accepted per wake-up. So the connections already taken stay "
+            "fast when more arrive than the program can serve. "
+            "``statistics()`` shows ``paused_by_load``, ``load_paused_seconds`` "
+            "and ``loop_lag``. Envoy's overload manager "
+            "``stop_accepting_connections`` action does this on heap or "
+            "connection pressure; nginx and HAProxy have no equivalent.",
+            Cli(
+                "SECONDS",
+                float_or_none,
+                help="stop accepting while the event loop runs later than this "
+                "many seconds (measured by a 5 ms timer), resume once the lag "
+                "is under half of it, and pace accepting by how well the loop "
+                "keeps up; none: no bound, no timer.",
+            ),
+        ),
+    ]
+    max_accept_rate: Annotated[
+        float | None,
+        Option(
+            None,
+            rate_or_none,
+            "accept at most this many connections per second, as a token "
+            "bucket holding ``accept_burst`` tokens: while it is empty the "
+            "listener does not accept (connections wait in the backlog) until "
+            "the next token. HAProxy's ``rate-limit sessions``, Envoy's "
+            "``envoy.filters.listener.local_ratelimit`` (a token bucket), "
+            "nginx's ``limit_req`` for requests.",
+            Cli(
+                "PER_SECOND",
+                float_or_none,
+                help="accept at most this many connections per second (a token "
+                "bucket of --accept-burst); none: no limit.",
+            ),
+        ),
+    ]
+    accept_burst: Annotated[
+        int | None,
+        Option(
+            None,
+            check_max_connections,
+            "with ``max_accept_rate``: how many connections may be accepted at "
+            "once after a quiet spell (the bucket's size; nginx's ``burst=``, "
+            "Envoy's ``max_tokens``). ``None``: what a tenth of a second earns, "
+            "at least 1.",
+            Cli(
+                "N",
+                int_or_none,
+                help="with --max-accept-rate: how many connections may be "
+                "accepted at once after a quiet spell; none: what a tenth of a "
+                "second earns, at least 1.",
+            ),
+        ),
+    ]
+    max_connections_per_client: Annotated[
+        int | None,
+        Option(
+            None,
+            check_max_connections,
+            "at most this many connections per client address (the one the "
+            "PROXY header names with ``proxy_protocol=True``; IPv6 grouped by "
+            "``client_ipv6_prefix``; Unix-socket peers are not counted). One "
+            "over it is refused or held, by ``client_limit_policy``. nginx's "
+            "``limit_conn`` with ``limit_conn_zone $binary_remote_addr``, "
+            "HAProxy's stick table ``conn_cur`` with ``tcp-request connection "
+            "reject``; Envoy has none.",
+            Cli(
+                "N",
+                int_or_none,
+                help="at most this many connections per client address (the "
+                "PROXY header's with --proxy-protocol; IPv6 by "
+                "--client-ipv6-prefix); over it, refused or held by "
+                "--client-limit-policy; none: no limit.",
+            ),
+        ),
+    ]
+    client_limit_policy: Annotated[
+        ClientPolicy,
+        Option(
+            "refuse",
+            client_policy,
+            """over ``max_connections_per_client``: ``"refuse"`` closes the """
+            'connection at once (as nginx and HAProxy do); ``"hold"`` keeps it, '
+            "pending and holding no handler slot, until one of that client's "
+            "connections ends (at most ``max_connections_per_client`` held per "
+            "client; beyond, refused). Held connections count towards "
+            "``max_pending``.",
+            Cli(
+                "POLICY",
+                help="over --max-connections-per-client: refuse (close at "
+                "once) or hold (wait, with no handler slot, until that "
+                "client's count drops; at most that many held per client).",
+            ),
+        ),
+    ]
+    client_ipv6_prefix: Annotated[
+        int,
+        Option(
+            IPV6_PREFIX,
+            ipv6_prefix,
+            "IPv6 clients are counted by this many leading bits of their "
+            "address (one host or site commonly holds a whole /64); 128 counts "
+            "each address apart. IPv4 clients are counted by address.",
+            Cli(
+                "BITS",
+                int,
+                help="with --max-connections-per-client: count IPv6 clients by "
+                "this many leading bits of their address.",
+            ),
+        ),
+    ]
+    client_table_size: Annotated[
+        int,
+        Option(
+            TABLE_SIZE,
+            table_size,
+            "the most clients counted at once for ``max_connections_per_client`` "
+            "(an entry lives while its client has a connection; about 150 bytes "
+            "each, so the default bounds the table near 10 MB). A new client "
+            "finding it full is refused, as nginx does when a "
+            "``limit_conn_zone`` is exhausted.",
+            Cli(
+                "N",
+                int,
+                help="with --max-connections-per-client: the most clients "
+                "counted at once; a new client finding the table full is "
+                "refused.",
+            ),
+        ),
+    ]
 
 
 #: Each option's :class:`Option`, by name, in definition order.
@@ -413,7 +576,32 @@ def resolve(
             "Flag.LEAVE_SOCKETS_BLOCKING (plain blocking sockets) excludes"
         )
     _refuse_what_cannot_apply(given, resolved, flags)
+    if resolved["protocol"] is not None:
+        _refuse_in_protocol_mode(given, resolved, flags)
     return resolved
+
+
+def _refuse_in_protocol_mode(
+    given: Mapping[str, object], resolved: ListenerOptions, flags: Flag
+) -> None:
+    """Refuse what protocol mode does not do (yet, for TLS and a nursery)."""
+    for name, why in (
+        ("ssl_context", "TLS in protocol mode is not built yet"),
+        (
+            "handler_nursery",
+            "protocol mode serves connections from a task of the listener's own",
+        ),
+        ("stream", "a protocol gets a transport, not a stream"),
+    ):
+        if name in given and resolved[name] is not None:  # type: ignore[literal-required]
+            raise ValueError(
+                f"{name}= cannot be given with protocol=: {why}; leave out one of them"
+            )
+    if flags & Flag.LEAVE_SOCKETS_BLOCKING:
+        raise ValueError(
+            "Flag.LEAVE_SOCKETS_BLOCKING hands handlers blocking sockets, but "
+            "protocol= serves connections with transports; leave out one of them"
+        )
 
 
 def _refuse_what_cannot_apply(
@@ -440,13 +628,27 @@ def _refuse_what_cannot_apply(
                 f"proxy_protocol=True; give proxy_protocol=True too, or leave "
                 f"{name}= out"
             )
-    if "max_pending" in given and not (tls or proxy):
+    per_client = resolved["max_connections_per_client"] is not None
+    if "max_pending" in given and not (tls or proxy or per_client):
         raise ValueError(
             "max_pending= bounds the connections in their PROXY header or TLS "
             "handshake, which there are only with proxy_protocol=True or "
             "ssl_context=; give one of those, or leave max_pending= out (to "
-            "bound running handlers, use max_connections=)"
+            "bound running handlers, use max_connections=); connections held "
+            "by max_connections_per_client= pend too"
         )
+    if "accept_burst" in given and resolved["max_accept_rate"] is None:
+        raise ValueError(
+            f"accept_burst={resolved['accept_burst']!r} is the size of "
+            "max_accept_rate='s bucket; give max_accept_rate= too (the rate "
+            "that fills it), or leave accept_burst= out"
+        )
+    for name in ("client_limit_policy", "client_ipv6_prefix", "client_table_size"):
+        if name in given and not per_client:
+            raise ValueError(
+                f"{name}= applies to max_connections_per_client=; give it too, "
+                f"or leave {name}= out"
+            )
     if "stream" in given and flags & Flag.LEAVE_SOCKETS_BLOCKING:
         raise ValueError(
             "stream= is the class of the stream handlers get, but with "

@@ -31,13 +31,24 @@ State rules, all kept here and nowhere else, and true:
   ``FULL``     no room: ``pending`` at ``max_pending``, or  waits to be woken
                (without a preamble) ``active`` at
                ``max_connections``
+  ``LOADED``   the event loop runs later than              waits to be woken
+               ``max_loop_lag`` (``loaded``), or the
+               ``allowance`` until the monitor's next
+               tick is spent (both kept by
+               :class:`._overload.LoopLag`)
+  ``RATE``     ``max_accept_rate``'s bucket is empty       waits for the next
+                                                           token
+                                                           (:meth:`deadline`)
   ``ACCEPT``   otherwise                                   accepts
   ===========  ==========================================  ==================
 
   A drain's sweep of the kernel's queue (``sweeping=True``) is let through
-  a disabled listener, a pause and ``max_connections``: what completed its
-  TCP handshake is served rather than reset. It is bounded instead by
-  ``max_pending``, counting the connections past the cap.
+  a disabled listener, a pause, ``max_connections``, load and the rate
+  limit: what completed its TCP handshake is served rather than reset. It
+  is bounded instead by ``max_pending``, counting the connections past the
+  cap.
+* ``LOADED`` and ``RATE`` cost the accept decision one branch when neither
+  ``max_loop_lag`` nor ``max_accept_rate`` is set (``throttled`` is False).
 * Capacity is one gate: ``max_connections`` and running out of file
   descriptors (``EMFILE``/``ENFILE``) both wait for a handler to finish. A
   connection that ends ends an out-of-fds pause, and says to wake the
@@ -75,6 +86,8 @@ from ._flags import Flag
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from ._overload import TokenBucket
+
     AcceptCallback = Callable[..., Awaitable[object]]
     ErrorCallback = Callable[..., object]
 
@@ -87,6 +100,8 @@ class Verdict(enum.Enum):
     SHUT = "shut"
     PAUSED = "paused"
     FULL = "full"
+    LOADED = "loaded"
+    RATE = "rate"
 
 
 ACCEPT: Final = Verdict.ACCEPT
@@ -128,6 +143,17 @@ class ListenerState:
     #: Set on the Trio thread once the socket is released after a close.
     closed_event: trio.Event = attrs.field(factory=trio.Event, init=False)
     lock: contextlib.AbstractContextManager[object] = attrs.field(init=False)
+    #: ``max_loop_lag`` or ``max_accept_rate`` is set: the decision looks
+    #: at ``loaded`` and ``bucket`` (else it pays one branch for them).
+    throttled: bool = attrs.field(default=False, init=False)
+    #: The event loop runs later than ``max_loop_lag`` (set by the monitor).
+    loaded: bool = attrs.field(default=False, init=False)
+    #: ``max_accept_rate``'s token bucket, or None.
+    bucket: TokenBucket | None = attrs.field(default=None, init=False)
+    #: How many more connections may be admitted before the load
+    #: monitor's next tick (``None``: no such limit); see
+    #: :class:`._overload.LoopLag`.
+    allowance: int | None = attrs.field(default=None, init=False)
     _thread: int = attrs.field(factory=threading.get_ident, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -156,9 +182,27 @@ class ListenerState:
         if self.pending >= self.max_pending:
             return Verdict.FULL
         cap = self.max_connections
-        if self.preamble or cap is None or self.active < cap:
-            return ACCEPT
-        return Verdict.FULL
+        if not (self.preamble or cap is None or self.active < cap):
+            return Verdict.FULL
+        if self.throttled:
+            if self.loaded or self.allowance == 0:
+                return Verdict.LOADED
+            bucket = self.bucket
+            if bucket is not None and bucket.ready_at(now) > now:
+                return Verdict.RATE
+        return ACCEPT
+
+    def deadline(self, verdict: Verdict, now: float) -> float:
+        """Until when the accept task parks for ``verdict`` if not woken."""
+        resume_at = self.resume_at if self.resume_at > now else math.inf
+        if verdict is Verdict.RATE and self.bucket is not None:
+            return min(resume_at, self.bucket.ready_at(now))
+        return resume_at
+
+    def throttle(self, bucket: TokenBucket | None, *, lag: bool) -> None:
+        """Turn on the load and rate verdicts (once, before accepting)."""
+        self.bucket = bucket
+        self.throttled = lag or bucket is not None
 
     # ------------------------------------------------------------------
     # A connection's counts (called under the lock)
@@ -171,6 +215,12 @@ class ListenerState:
             self.active += 1
         self.resume_at = -math.inf
         self._fd_pause = False
+        if self.throttled:
+            if self.allowance:
+                self.allowance -= 1
+            if self.bucket is not None:
+                # may_accept() just filled it, at this very ``now``.
+                self.bucket.take()
 
     def take_slot(self, queued: int) -> bool | None:
         """A pending connection's preamble is done: may its handler start?

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import final
 
 import attrs
@@ -49,6 +50,24 @@ class ListenerStatistics:
             a platform without ``TCP_INFO``.
         lameduck: whether a drain's lame duck has begun (``lameduck=``):
             the agent port says ``drain``, accepting goes on.
+        paused_by_load: whether accepting is paused now because the event
+            loop runs later than ``max_loop_lag``.
+        load_paused_seconds: seconds spent paused for load so far.
+        loop_lag: the last lag measured, in seconds (``None`` without
+            ``max_loop_lag``).
+        paused_by_rate: whether accepting waits now for
+            ``max_accept_rate``'s next token.
+        pauses: how many times accepting stopped, by reason: ``"load"``
+            (``max_loop_lag``), ``"rate"`` (``max_accept_rate``),
+            ``"capacity"`` (``max_connections`` or ``max_pending``).
+        refused: connections closed at once, by reason: ``"per client"``
+            (over ``max_connections_per_client`` with the ``"refuse"``
+            policy, or past the held ones with ``"hold"``), ``"client table
+            full"`` (``client_table_size``).
+        held: connections held over ``max_connections_per_client`` (with
+            ``client_limit_policy="hold"``), counted when held.
+        clients: clients counted now for ``max_connections_per_client``
+            (entries in its table; 0 without it).
     """
 
     accepted: int
@@ -69,6 +88,14 @@ class ListenerStatistics:
     queue_limit: int | None = None
     backlog: int | None = None
     lameduck: bool = False
+    paused_by_load: bool = False
+    load_paused_seconds: float = 0.0
+    loop_lag: float | None = None
+    paused_by_rate: bool = False
+    pauses: Mapping[str, int] = attrs.field(factory=dict)
+    refused: Mapping[str, int] = attrs.field(factory=dict)
+    held: int = 0
+    clients: int = 0
 
 
 @final
