@@ -759,3 +759,30 @@ async def test_max_connections_per_client_counts_live_transports() -> None:
             await second.aclose()
             await trio.testing.wait_all_tasks_blocked()
             assert listener.statistics().clients == 0
+
+
+async def test_max_accept_rate_paces_a_protocol_listener(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The overload controls act at the door, before any mode's handling:
+    # the token bucket paces connection_made just as it paces handlers.
+    made: list[float] = []
+
+    class Timed(EchoProtocol):
+        def connection_made(self, transport: Any) -> None:
+            made.append(trio.current_time())
+            super().connection_made(transport)
+
+    async with listen(protocol=Timed, max_accept_rate=10, accept_burst=2) as listener:
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        clients = [await connect(listener) for _ in range(5)]
+        try:
+            for client in clients:
+                await client.send_all(b"x")
+                assert await recv_exactly(client, 1) == b"x"
+            assert [round(t - start, 6) for t in made] == [0, 0, 0.1, 0.2, 0.3]
+            assert listener.statistics().pauses["rate"] == 4
+        finally:
+            for client in clients:
+                await client.aclose()
