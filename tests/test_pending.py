@@ -138,6 +138,21 @@ async def test_past_the_preamble_connections_wait_for_a_slot_in_order() -> None:
                 await client.aclose()
 
 
+async def one_served_one_in_line(
+    listener: ConnListener,
+) -> tuple[trio.SocketStream, trio.SocketStream]:
+    """With max_connections=1: a client served (its handler holds the slot),
+    and one past its header, waiting in line for the slot."""
+    first = await open_stream_to(listener)
+    await first.send_all(HEADER + b"a")
+    assert await recv_exactly(first, 1) == b"a"
+    waiting = await open_stream_to(listener)
+    await waiting.send_all(HEADER + b"b")
+    await trio.testing.wait_all_tasks_blocked()
+    assert listener.statistics().pending == 1
+    return first, waiting
+
+
 async def test_cancelled_while_waiting_for_a_slot_closes_the_connection() -> None:
     handler = Gated()
     with trio.fail_after(5):
@@ -148,13 +163,7 @@ async def test_cancelled_while_waiting_for_a_slot_closes_the_connection() -> Non
             proxy_protocol=True,
             max_connections=1,
         ) as listener:
-            first = await open_stream_to(listener)
-            await first.send_all(HEADER + b"a")
-            assert await recv_exactly(first, 1) == b"a"
-            waiting = await open_stream_to(listener)
-            await waiting.send_all(HEADER + b"b")
-            await trio.testing.wait_all_tasks_blocked()
-            assert listener.statistics().pending == 1
+            first, waiting = await one_served_one_in_line(listener)
             # Stop everything (the loopexit): no drain, so nothing is served.
             listener.nursery.cancel_scope.cancel()
         # The one in line was closed unserved (reset, as its unread byte was
@@ -183,13 +192,7 @@ async def test_a_drain_serves_the_connections_waiting_in_line_past_the_cap() -> 
             proxy_protocol=True,
             max_connections=1,
         ) as listener:
-            first = await open_stream_to(listener)
-            await first.send_all(HEADER + b"a")
-            assert await recv_exactly(first, 1) == b"a"
-            waiting = await open_stream_to(listener)
-            await waiting.send_all(HEADER + b"b")
-            await trio.testing.wait_all_tasks_blocked()
-            assert listener.statistics().pending == 1
+            first, waiting = await one_served_one_in_line(listener)
             result = await listener.drain()
         # The drain gave the one in line its handler, past the cap, with
         # draining already set, instead of resetting it.
