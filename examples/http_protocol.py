@@ -114,6 +114,15 @@ class HTTPServer:
             answer; None: no limit (the benchmark measures what it costs).
         linger: seconds we read after our FIN before aborting.
         sweep: seconds between two calls of :meth:`sweep`.
+
+    Error handling:
+        Nothing here raises; a connection whose client does not even read
+        our last answer when its time is up is aborted, not answered.
+
+    Resource handling:
+        Holds a reference to every live connection (its protocol) until the
+        transport calls ``connection_lost``; it closes none of them itself
+        but through their transports.
     """
 
     def __init__(
@@ -163,6 +172,7 @@ class HTTPServer:
         self._maybe_drained()
 
     def lost(self, conn: HTTPProtocol) -> None:
+        """``conn``'s connection is over (its ``connection_lost``)."""
         self.connections.discard(conn)
         if self.draining:
             self._maybe_drained()
