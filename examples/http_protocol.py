@@ -37,9 +37,11 @@ connection per ``SWEEP`` seconds, whatever the request rate.
 
 The same task hears of a drain: a protocol is not woken by
 ``listener.draining`` (nothing is called while a client is silent), so the
-task waits in ``listener.wait_draining()``, then sets
-:attr:`HTTPServer.draining`, which every later response reads, and closes
-the connections idle between two requests. It ends once the drained
+task waits in ``listener.wait_draining()``, then closes the connections
+idle between two requests. Responses read :attr:`HTTPServer.draining`,
+which asks the listener itself, so a request answered after the drain began
+says ``Connection: close`` even if the listener's task served it before the
+sweep task woke. It ends once the drained
 listener has no connection left, which lets the listener's block finish.
 
 :class:`HTTPProtocol` and :class:`HTTPServer` use nothing of Trio's: the
@@ -134,8 +136,9 @@ class HTTPServer:
     ) -> None:
         #: Sweeps so far: the coarse clock the connections stamp.
         self.tick = 0
-        #: Set once a drain began: each later response says Connection: close.
-        self.draining = False
+        self._draining = False
+        # The listener whose drain we follow (set by run()).
+        self._listener: ConnListener | None = None
         self.connections: set[HTTPProtocol] = set()
         self.sweep_seconds = sweep
         # In sweeps: a wait stamped at tick t is over at tick t + n + 1,
@@ -146,6 +149,13 @@ class HTTPServer:
         self._linger_ticks = math.ceil(linger / sweep)
         #: Called when the last connection is lost during a drain.
         self.on_drained: Callable[[], None] | None = None
+
+    @property
+    def draining(self) -> bool:
+        """Whether a drain began: each response from now on says
+        ``Connection: close``."""
+        listener = self._listener
+        return self._draining or (listener is not None and listener.draining)
 
     def protocol(self) -> HTTPProtocol:
         """The protocol factory: a connection of this server."""
@@ -166,7 +176,7 @@ class HTTPServer:
     def drain(self) -> None:
         """A drain began: answer with ``Connection: close`` from now on, and
         close the connections waiting for a further request."""
-        self.draining = True
+        self._draining = True
         for conn in list(self.connections):
             conn.drained()
         self._maybe_drained()
@@ -174,7 +184,7 @@ class HTTPServer:
     def lost(self, conn: HTTPProtocol) -> None:
         """``conn``'s connection is over (its ``connection_lost``)."""
         self.connections.discard(conn)
-        if self.draining:
+        if self._draining:
             self._maybe_drained()
 
     def _maybe_drained(self) -> None:
@@ -190,6 +200,7 @@ class HTTPServer:
         """
         drained = trio.Event()
         self.on_drained = drained.set
+        self._listener = listener
         while not listener.draining:
             with trio.move_on_after(self.sweep_seconds):
                 await listener.wait_draining()

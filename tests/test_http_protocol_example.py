@@ -30,6 +30,7 @@ from tests.test_http_example import (
     GET,
     Client,
     Example,
+    FakeDrain,
     header,
     load_example,
     needs_wrk,
@@ -189,7 +190,7 @@ def test_ctrl_c_answers_the_request_under_way_then_exits(server: Example) -> Non
         s.sendall(b"GET / HTTP/1.1\r\nHo")
         time.sleep(0.3)  # a subprocess: nothing in-process to wait on
         server.proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
+        wait_until_refused(server.port)  # the drain began
         s.sendall(b"st: t\r\n\r\n")
         reply = read_to_eof(s)
     assert reply.startswith(b"HTTP/1.1 200 OK\r\n"), reply
@@ -197,6 +198,18 @@ def test_ctrl_c_answers_the_request_under_way_then_exits(server: Example) -> Non
     assert reply.endswith(b"Hello, world!\n")
     out, err = server.proc.communicate(timeout=15)
     assert (server.proc.returncode, out, err) == (0, "", "")
+
+
+def wait_until_refused(port: int) -> None:
+    """Wait until the server no longer accepts: its drain began."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        except ConnectionRefusedError:
+            return
+        time.sleep(0.02)  # a subprocess: nothing in-process to wait on
+    raise AssertionError("the server still accepts")
 
 
 @pytest.mark.slow
@@ -496,3 +509,52 @@ async def test_drain_aborts_an_unfinished_request_at_the_end_of_its_grace(
         # Leaving the block waited for the sweep task, which ended with
         # the last connection.
         assert trio.current_time() - start == pytest.approx(3)
+
+
+class FakeTransport:
+    """What HTTPProtocol uses of a transport, recording what it is told."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = False
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def test_a_request_answered_before_the_sweep_task_wakes_says_close() -> None:
+    """The drain began, but the sweep task has not run yet (the listener's
+    task may serve a ready connection first): the answer still says
+    Connection: close, and the connection ends after it."""
+    with trio.fail_after(10):
+        http = app.HTTPServer()
+        drain = FakeDrain()
+        transport = FakeTransport()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(http.run, drain)
+            await trio.testing.wait_all_tasks_blocked()
+            conn = http.protocol()
+            conn.connection_made(transport)
+            conn.data_received(GET)
+            assert b"Connection: close" not in transport.data
+            del transport.data[:]
+            drain.draining = True  # set, but nobody woken yet
+            conn.data_received(GET)
+            assert transport.data.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert b"\r\nConnection: close\r\n" in transport.data
+            assert transport.eof
+            drain.start()
+            conn.connection_lost(None)  # the client's FIN came: run() returns
