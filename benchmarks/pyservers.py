@@ -24,6 +24,14 @@ responses as ``examples/http_server.py``, which is ``ours`` there):
   ``HTTPConnection`` ported step by step: the same routes, headers and body,
   the same idle timeout (one deadline per connection, moved per request),
   drain, limits and one write per response;
+* ``asyncio-protocol-http`` and ``uvloop-protocol-http``: the protocol
+  example's own ``HTTPProtocol`` and ``HTTPServer`` (examples/http_protocol.py,
+  ``ours-protocol`` in the http row) on asyncio's and uvloop's
+  ``create_server``, its sweep and drain driven by an asyncio task: the same
+  application, so that the row compares the loops under it;
+* ``ours-protocol-bare-http``: examples/http_protocol.py's application on the
+  listener without its sweep task (no idle timeout, no drain): what they
+  cost (``--servers ours-protocol,ours-protocol-bare``);
 * ``corrupt-http``: ``asyncio-http`` answering every 10th request with a 500:
   the self-check of the http workload;
 * ``ours-http`` and its variants without a feature (``ours-no-timeout-http``,
@@ -62,13 +70,15 @@ import trio
 HOST = "127.0.0.1"
 READ_SIZE = 65536
 HTTP_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "http_server.py"
+HTTP_PROTOCOL_EXAMPLE = HTTP_EXAMPLE.with_name("http_protocol.py")
 #: corrupt-http answers every this many-th request with a 500.
 CORRUPT_EVERY = 10
 
 
-def http_example() -> ModuleType:
-    """examples/http_server.py, imported from its path (examples/ is no package)."""
-    spec = importlib.util.spec_from_file_location("http_server", HTTP_EXAMPLE)
+def http_example(path: Path = HTTP_EXAMPLE) -> ModuleType:
+    """examples/http_server.py (or another example), imported from its path
+    (examples/ is no package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -515,6 +525,62 @@ async def asyncio_http_main(port: int, fail_every: int = 0) -> None:
             await asyncio.gather(*pending, return_exceptions=True)
 
 
+async def protocol_http_main(port: int) -> None:
+    """examples/http_protocol.py's application on the running asyncio loop.
+
+    Its ``HTTPServer`` is loop-agnostic; what the example's ``run`` does on
+    the listener is done here with asyncio: a sweep every ``SWEEP`` seconds,
+    and on SIGINT or SIGTERM stop accepting, ``HTTPServer.drain``, wait up
+    to ``DRAIN_TIMEOUT`` for the connections, abort what is left.
+    """
+    app = http_example(HTTP_PROTOCOL_EXAMPLE)
+    http = app.HTTPServer()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    drained = asyncio.Event()
+    http.on_drained = drained.set
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(http.sweep_seconds)
+            http.sweep()
+
+    server = await loop.create_server(http.protocol, HOST, port, backlog=4096)
+    sweeper = asyncio.ensure_future(sweep())
+    try:
+        await stop.wait()
+        server.close()
+        http.drain()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(drained.wait(), app.DRAIN_TIMEOUT)
+        for conn in list(http.connections):
+            conn.transport.abort()
+        await server.wait_closed()
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+
+
+async def ours_protocol_bare_http_main(port: int) -> None:
+    """examples/http_protocol.py's ``main`` without its sweep task."""
+    import trio_evlisten
+
+    app = http_example(HTTP_PROTOCOL_EXAMPLE)
+    http = app.HTTPServer(None)
+    async with trio_evlisten.open_listener(
+        address=(HOST, port),
+        flags=trio_evlisten.Flag.CLOSE_ON_FREE | trio_evlisten.Flag.REUSEABLE,
+        drain_timeout=app.DRAIN_TIMEOUT,
+        protocol=http.protocol,
+    ):
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+
+
 #: The example's application on the listener with features left out, to
 #: measure each one's cost per request: kind -> (idle timeout, drain,
 #: coalesced writes are split).
@@ -548,6 +614,14 @@ def main(argv: list[str]) -> int:
         trio.run(trio_http_main, port)
     elif kind == "asyncio-http":
         asyncio.run(asyncio_http_main(port))
+    elif kind == "asyncio-protocol-http":
+        asyncio.run(protocol_http_main(port))
+    elif kind == "uvloop-protocol-http":
+        import uvloop
+
+        uvloop.run(protocol_http_main(port))
+    elif kind == "ours-protocol-bare-http":
+        trio.run(ours_protocol_bare_http_main, port)
     elif kind == "corrupt-http":
         asyncio.run(asyncio_http_main(port, CORRUPT_EVERY))
     elif kind in OURS_HTTP_VARIANTS:

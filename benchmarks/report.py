@@ -398,7 +398,12 @@ benchmarks/wrk.py):
   way answered with `Connection: close`), one write per response. The
   hidden servers `ours-bare`, `ours-no-timeout`, `ours-no-drain` and
   `ours-split-writes` (selectable with `--servers`) leave one feature out,
-  to measure what it costs per request. The server's CPU
+  to measure what it costs per request. In protocol mode, `ours-protocol`
+  is `examples/http_protocol.py` (an h11 `HTTPProtocol`, its idle timeout
+  and drain done by one sweep task), and `asyncio-protocol` and
+  `uvloop-protocol` serve that very `HTTPProtocol` on their loops with the
+  same sweep and drain: the same application on three loops. The hidden
+  `ours-protocol-bare` leaves the sweep task out. The server's CPU
   time is read from /proc right before wrk starts and right after it exits
   (benchmarks/wrk.py), so CPU per request also carries the 50 connects and
   closes; requests/s and latencies are wrk's own. A socket error or a status

@@ -91,6 +91,9 @@ HTTP_SERVERS: Final[dict[str, str]] = {
     "ours": "trio_evlisten: examples/http_server.py, h11",
     "trio": "trio.serve_tcp, the same serve_http",
     "asyncio-streams": "asyncio.start_server + h11, the example ported",
+    "ours-protocol": "trio_evlisten protocol mode: examples/http_protocol.py, h11",
+    "asyncio-protocol": "asyncio create_server + http_protocol.py's HTTPProtocol",
+    "uvloop-protocol": "uvloop create_server + http_protocol.py's HTTPProtocol",
 }
 #: The servers of the overload workload (benchmarks/overload.py: the same
 #: handler, echoing and burning 20 ms of CPU per ``b``), as they are there.
@@ -115,6 +118,7 @@ HIDDEN_HTTP_SERVERS: Final = {
     "ours-no-timeout": "the example's app without its idle timeout",
     "ours-no-drain": "the example's app without drain handling",
     "ours-split-writes": "the example's app, head/body/end in three writes",
+    "ours-protocol-bare": "http_protocol.py's app without its sweep task",
 }
 
 WORKLOADS: Final[dict[str, Workload]] = {
@@ -165,6 +169,8 @@ def server_argv(name: str, port: int, bindir: Path, workload: Workload) -> list[
     if workload.name == "http":
         if name == "ours":
             return [py, str(ROOT / "examples" / "http_server.py"), str(port)]
+        if name == "ours-protocol":
+            return [py, str(ROOT / "examples" / "http_protocol.py"), str(port)]
         kind = {"trio": "trio", "asyncio-streams": "asyncio", "corrupt": "corrupt"}
         return [py, str(PYSERVERS), f"{kind.get(name, name)}-http", str(port)]
     if name == "ours":

@@ -425,7 +425,16 @@ def read_response(sock: socket.socket) -> bytes:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ours-http", "trio-http", "asyncio-http"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "ours-http",
+        "trio-http",
+        "asyncio-http",
+        "asyncio-protocol-http",
+        "uvloop-protocol-http",
+    ],
+)
 def test_http_servers_drain_as_the_example_does(kind: str) -> None:
     """SIGTERM: an idle keep-alive connection is closed at once, a request
     under way is answered with Connection: close, and the server exits 0."""
