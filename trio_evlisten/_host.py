@@ -95,6 +95,13 @@ class HandlerHost:
         """Protocol mode: connections go to ``engine``, which runs in our nursery."""
         self._engine = engine
         engine.done = self._done
+        engine.spawn = self._spawn
+
+    def _spawn(self, async_fn: Callable[..., Any], *args: Any) -> None:
+        """Protocol mode: start an engine's task (start_task, hand_over)
+        beside the handlers, so that a drain waits for it and cancels it."""
+        assert self._spawn_into is not None
+        self._spawn_into.start_soon(async_fn, *args, name=self.task_name)
 
     # ------------------------------------------------------------------
     # Where handlers run
