@@ -336,9 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "%(message)s",
     )
     if opts.worker_of is not None:
-        handler, options = _checked(parser, opts)
+        loaded, options = _checked(parser, opts)
+        handler: AcceptCallback | None = loaded
         if opts.protocol_spec is not None:
-            options["protocol"] = handler
+            options["protocol"] = loaded
             handler = None
         trio.run(
             functools.partial(
