@@ -415,3 +415,77 @@ async def test_hand_over_is_checked_and_refused_when_it_cannot_be() -> None:
     assert "'text'" in str(outcome[1])
     assert "write_eof" in str(outcome[2])
     assert "lost" in str(outcome[3])
+
+
+# ----------------------------------------------------------------------
+# handler_nursery=: the engine, tasks and handed-over handlers run there
+
+
+async def test_handler_nursery_connections_outlive_the_block() -> None:
+    where: list[trio.Nursery | None] = []
+
+    async def work(protocol: Tasked, data: bytes) -> None:
+        where.append(trio.lowlevel.current_task().parent_nursery)
+        assert protocol.transport is not None
+        protocol.transport.write(data.upper())
+
+    factory = tasked(work)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async with listen(protocol=factory, handler_nursery=nursery) as listener:
+                client = await connect(listener)
+                await client.send_all(b"in")
+                assert await recv_exactly(client, 2) == b"IN"
+            # The block closed the listener; its connection is still served.
+            assert listener.closed
+            await client.send_all(b"after")
+            assert await recv_exactly(client, 5) == b"AFTER"
+            await client.aclose()
+        assert where == [nursery, nursery]
+        protocol: Tasked = factory.made[0]
+        assert protocol.kinds()[-1] == "lost"
+        assert listener.statistics().active == 0
+
+
+async def test_drain_in_a_handler_nursery_cancels_only_ours(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async def work(protocol: Tasked, data: bytes) -> None:
+        await trio.sleep_forever()
+
+    async def hand(stream: trio_evlisten.SocketStream, data: bytes, arg: str) -> None:
+        await trio.sleep_forever()
+
+    tasks = tasked(work)
+    handed = Made(lambda: Sniffer(handler=hand))
+    sibling_done = trio.Event()
+
+    async def sibling() -> None:
+        await trio.sleep(100)
+        sibling_done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sibling)
+        async with (
+            listen(protocol=tasks, handler_nursery=nursery) as one,
+            listen(protocol=handed, handler_nursery=nursery) as two,
+        ):
+            a = await connect(one)
+            b = await connect(two)
+            await a.send_all(b"a")
+            await b.send_all(b"b")
+            await handed.wait()
+            await tasks.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert (one.statistics().active, two.statistics().active) == (1, 1)
+            for listener in (one, two):
+                result = await listener.drain(grace=5)
+                assert result == trio_evlisten.DrainResult(
+                    finished=0, failed=0, cancelled=1
+                )
+            assert await read_all(a) == b""
+            assert await read_all(b) == b""
+            await a.aclose()
+            await b.aclose()
+        assert not sibling_done.is_set()
+    assert sibling_done.is_set()
