@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 import trio_evlisten
+from trio_evlisten._transport import Transport
 
 from .conftest import recv_exactly
 from .test_protocol import Made, Recorder, connect, engine, listen, read_all
@@ -489,3 +490,39 @@ async def test_drain_in_a_handler_nursery_cancels_only_ours(
             await b.aclose()
         assert not sibling_done.is_set()
     assert sibling_done.is_set()
+
+
+async def test_hand_over_refuses_a_tls_transport(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # TLS in protocol mode is another change's; what hand_over reads of it
+    # is get_extra_info("ssl_object"), as asyncio's SSL transports give.
+    def extra(self: Transport, name: str, default: Any = None) -> Any:
+        return object() if name == "ssl_object" else default
+
+    monkeypatch.setattr(Transport, "get_extra_info", extra)
+    refused: list[RuntimeError] = []
+
+    async def handler(stream: trio_evlisten.SocketStream, data: bytes) -> None:
+        raise AssertionError("handed over a TLS transport")
+
+    class TLSSniffer(Recorder):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            assert self.transport is not None
+            try:
+                self.transport.hand_over(handler, data=data)
+            except RuntimeError as exc:
+                refused.append(exc)
+            self.transport.write(data)
+
+    factory = Made(TLSSniffer)
+    with trio.fail_after(10):
+        async with (
+            listen(protocol=factory) as listener,
+            await connect(listener) as client,
+        ):
+            await client.send_all(b"hi")
+            assert await recv_exactly(client, 2) == b"hi"
+    assert len(refused) == 1
+    assert "TLS" in str(refused[0])
