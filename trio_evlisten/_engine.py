@@ -7,7 +7,9 @@ and end (``connection_lost``, closing the socket, the counts the host and
 the runner keep); what a protocol's exception means (the connection is
 aborted, the error counted and logged, or raised with
 ``handler_errors="raise"``); aborting every connection when the task is
-cancelled (the end of a drain's grace, the listener's nursery cancelled).
+cancelled (the end of a drain's grace, the listener's nursery cancelled);
+the tasks a connection starts (``Transport.start_task``) or is handed to
+(``Transport.hand_over``), which hold its slot until the last one ends.
 
 Two engines, one behaviour:
 

@@ -89,7 +89,8 @@ class Transport(asyncio.Transport):
     The protocol gets it in ``connection_made``. Every method is asyncio's
     (:class:`asyncio.Transport`), with its semantics; beyond them,
     :attr:`listener` is the :class:`~trio_evlisten.ConnListener` serving the
-    connection.
+    connection, :meth:`start_task` runs async work for it, and
+    :meth:`hand_over` gives the connection to a task-mode handler.
 
     Don't construct it; the listener does.
 
