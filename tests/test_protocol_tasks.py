@@ -526,3 +526,33 @@ async def test_hand_over_refuses_a_tls_transport(
             assert await recv_exactly(client, 2) == b"hi"
     assert len(refused) == 1
     assert "TLS" in str(refused[0])
+
+
+async def test_a_slot_is_held_by_a_task_and_a_handed_over_handler_alike() -> None:
+    go = trio.Event()
+
+    async def work() -> None:
+        await go.wait()
+
+    async def handler(stream: trio_evlisten.SocketStream, data: bytes) -> None:
+        await stream.send_all(data)
+
+    class Both(Recorder):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            assert self.transport is not None
+            self.transport.start_task(work)
+            self.transport.hand_over(handler, data=data)
+
+    factory = Made(Both)
+    with trio.fail_after(10):
+        async with listen(protocol=factory) as listener:
+            async with await connect(listener) as client:
+                await client.send_all(b"hi")
+                assert await read_all(client) == b"hi"
+            await trio.testing.wait_all_tasks_blocked()
+            # The handler returned; the task still holds the slot.
+            assert listener.statistics().active == 1
+            go.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert listener.statistics().active == 0
