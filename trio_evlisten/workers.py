@@ -258,6 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "handler",
         nargs="?",
+        default=DEFAULT_HANDLER,
         help="MODULE:FUNC, an async def cb(listener, conn, addr) "
         f"(default: {DEFAULT_HANDLER})",
     )
@@ -270,8 +271,8 @@ def _parser() -> argparse.ArgumentParser:
         dest="protocol_spec",
         metavar="MODULE:FACTORY",
         help="serve a protocol factory (an asyncio.Protocol class, say) in "
-        "protocol mode instead of an accept callback "
-        f"(default: {DEFAULT_PROTOCOL})",
+        "protocol mode instead of an accept callback; --protocol alone "
+        f"serves {DEFAULT_PROTOCOL}",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)"
@@ -365,12 +366,14 @@ def _checked(
     """The handler and the listener options, or a usage error (exit 2)."""
     if not 0 <= opts.port <= 0xFFFF:
         parser.error(f"--port must be in 0..65535, not {opts.port}")
-    if opts.protocol_spec is not None and opts.handler is not None:
+    # The default handler, as argparse fills it in, cannot be told from one
+    # typed: only another handler is refused beside --protocol.
+    if opts.protocol_spec is not None and opts.handler != DEFAULT_HANDLER:
         parser.error(
             f"give an accept callback ({opts.handler}) or --protocol "
             f"{opts.protocol_spec}, not both"
         )
-    spec = opts.protocol_spec or opts.handler or DEFAULT_HANDLER
+    spec = opts.protocol_spec or opts.handler
     what = "handler" if opts.protocol_spec is None else "protocol factory"
     try:
         handler = load_handler(spec)
@@ -432,7 +435,7 @@ def _supervise(
             *to_argv(options),
             *([] if metrics_dir is None else ["--metrics-dir", metrics_dir]),
             *(
-                [opts.handler or DEFAULT_HANDLER]
+                [opts.handler]
                 if opts.protocol_spec is None
                 else ["--protocol", opts.protocol_spec]
             ),
@@ -444,7 +447,7 @@ def _supervise(
             opts.host,
             port,
             "handler" if opts.protocol_spec is None else "protocol",
-            opts.protocol_spec or opts.handler or DEFAULT_HANDLER,
+            opts.protocol_spec or opts.handler,
         )
         supervisor = Supervisor(
             command,
