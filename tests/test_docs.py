@@ -251,6 +251,7 @@ def test_the_documented_backoff_output_is_what_the_snippet_prints() -> None:
 TESTED_SNIPPETS = {
     "echo_server",
     "protocol_echo",
+    "protocol_tasks",
     "create_bind",
     "create_sock",
     "serve",
@@ -372,6 +373,25 @@ async def test_echo_server(
     assert (
         "Got an error 24 (Too many open files) on the listener. Shutting down." in out
     )
+
+
+async def test_protocol_tasks_answers_from_tasks_and_hands_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with trio.fail_after(10):
+        async with serving("protocol_tasks", monkeypatch) as served:
+            listener = served.listener
+            async with await open_stream_to(listener) as client:
+                await client.send_all(b"abc\nSTREAM\n")
+                assert await recv_exactly(client, 11) in (
+                    b"ABC\nSTREAM\n",
+                    b"STREAM\nABC\n",
+                )
+            async with await open_stream_to(listener) as client:
+                await client.send_all(b"STREAM\nhello")
+                assert await recv_exactly(client, 5) == b"hello"
+                await client.send_all(b" more")
+                assert await recv_exactly(client, 5) == b" more"
 
 
 async def test_echo_protocol_echoes_and_closes_once_draining(

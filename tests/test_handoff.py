@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
+from benchmarks.pyservers import EchoProtocol
 from tests.conftest import recv_exactly
 from trio_evlisten import Flag, hand_off, notify_ready, open_listener
 
@@ -416,6 +417,41 @@ async def test_queued_connections_go_to_the_successor(reporter: Path) -> None:
         try:
             async with client:
                 assert listener.fd == -1
+                report = await _report(proc)
+                assert await recv_exactly(client, 10) == str(proc.pid).encode()
+                assert await proc.wait() == 0
+        finally:
+            await _reap(proc)
+    assert report["sockets"]["web"][0][0] == 3
+
+
+async def test_a_protocol_mode_listener_is_handed_off(reporter: Path) -> None:
+    # The engine's connections stay with the old process and are served to
+    # their end; new ones go to the successor.
+    with trio.fail_after(10):
+        async with open_listener(
+            address=("127.0.0.1", 0), protocol=EchoProtocol, flags=Flag.CLOSE_ON_FREE
+        ) as listener:
+            old = await trio.open_tcp_stream("127.0.0.1", listener.port)
+            await old.send_all(b"before")
+            assert await recv_exactly(old, 6) == b"before"
+            listener.disable()
+            proc = await hand_off(
+                {"web": listener},
+                [sys.executable, str(reporter), "serve-one"],
+                env=_env(),
+                stdout=subprocess.PIPE,
+            )
+            client = await trio.open_tcp_stream("127.0.0.1", listener.port)
+            await old.send_all(b"after")
+            assert await recv_exactly(old, 5) == b"after"
+            await old.send_eof()
+            assert await old.receive_some() == b""
+        try:
+            await old.aclose()
+            async with client:
+                assert listener.fd == -1
+                assert listener.statistics().active == 0
                 report = await _report(proc)
                 assert await recv_exactly(client, 10) == str(proc.pid).encode()
                 assert await proc.wait() == 0

@@ -629,10 +629,6 @@ async def test_arguments_are_checked() -> None:
     with pytest.raises(TypeError, match="must be a protocol factory"):
         async with listen(protocol=3):
             pass
-    async with trio.open_nursery() as nursery:
-        with pytest.raises(ValueError, match="handler_nursery= cannot be given"):
-            async with listen(protocol=Recorder, handler_nursery=nursery):
-                pass
     with pytest.raises(ValueError, match="LEAVE_SOCKETS_BLOCKING"):
         async with listen(
             protocol=Recorder,

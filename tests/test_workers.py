@@ -219,6 +219,40 @@ async def test_workers_share_the_port_restart_and_stop() -> None:
             await trio.open_tcp_stream("127.0.0.1", port)
 
 
+async def test_workers_serve_a_protocol_factory() -> None:
+    with trio.fail_after(60):
+        async with supervisor(
+            "--workers",
+            "2",
+            "--port",
+            "0",
+            "--protocol",
+            "tests.workers_app:PidEchoProtocol",
+        ) as (proc, log):
+            port, pids = await started(log, 2)
+            assert log.count(r"protocol tests\.workers_app:PidEchoProtocol") == 1
+            assert await served_by(port, set(pids)) == set(pids)
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+        assert log.count(r"exited: exit status 0") == 2
+        assert not log.count("Traceback")
+
+
+async def test_workers_protocol_defaults_to_the_echo_protocol() -> None:
+    with trio.fail_after(60):
+        async with supervisor("--workers", "1", "--port", "0", "--protocol") as (
+            proc,
+            log,
+        ):
+            port, _ = await started(log, 1)
+            assert log.count(r"protocol trio_evlisten\._cli:EchoProtocol") == 1
+            async with await trio.open_tcp_stream("127.0.0.1", port) as conn:
+                await conn.send_all(b"echo?")
+                assert await recv_exactly(conn, 5) == b"echo?"
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+
+
 async def test_a_crash_loop_makes_the_supervisor_give_up() -> None:
     with trio.fail_after(60):
         async with supervisor(
@@ -293,6 +327,14 @@ async def test_workers_behind_a_proxy() -> None:
         (["--port", "0", "tests.workers_app:nope"], "tests.workers_app has no nope"),
         (["--port", "0", "tests.workers_app"], "must be MODULE:FUNC"),
         (["--port", "0", "--workers", "0"], "--workers must be >= 1, not 0"),
+        (
+            ["--port", "0", "--protocol", "x:y", "tests.workers_app:pid_echo"],
+            "or --protocol x:y, not both",
+        ),
+        (
+            ["--port", "0", "--protocol", "tests.workers_app:pid_echo"],
+            "is an async function: that is an accept callback",
+        ),
         (["--port", "70000"], "--port must be in 0..65535, not 70000"),
         (["--port", "0", "--proxy-trusted", "::1"], "needs --proxy-protocol"),
         (

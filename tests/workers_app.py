@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from typing import TYPE_CHECKING
@@ -38,3 +39,17 @@ async def addr_echo(
     await conn.send_all(f"{addr!r}\n".encode())
     async for data in conn:
         await conn.send_all(data)
+
+
+class PidEchoProtocol(asyncio.Protocol):
+    """pid_echo in protocol mode: the worker's pid line, then an echo."""
+
+    transport: asyncio.Transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(f"{os.getpid()}\n".encode())
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)

@@ -203,6 +203,28 @@ def check_error_cb(error_cb: object, args: tuple[Any, ...] = ()) -> None:
     )
 
 
+def check_task_fn(
+    fn: object, method: str, params: tuple[str, ...], args: tuple[Any, ...]
+) -> None:
+    """Refuse a function :meth:`Transport.start_task` or ``hand_over`` cannot run.
+
+    As :func:`check_accept_cb`: it must be async and take ``(*params,
+    *args)``, checked where the mistake is made rather than in the task.
+
+    Raises:
+        TypeError: naming the function and what would be right.
+    """
+    call = ", ".join((*params, "*args"))
+    if not callable(fn) or not _is_async(fn):
+        raise TypeError(
+            f"{method}() runs async_fn as a task, async def async_fn({call}); "
+            f"{fn!r} is not an async function (a plain function returning a "
+            "coroutine cannot be told from one that does not: write it with "
+            "async def)"
+        )
+    _check_arity(fn, "async_fn", params, args, f"by {method}()")
+
+
 def _is_async(fn: object) -> bool:
     """Whether calling ``fn`` makes a coroutine: async functions and methods,
     ``functools.partial`` of them, and objects with an async ``__call__``."""

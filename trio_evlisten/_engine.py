@@ -7,7 +7,9 @@ and end (``connection_lost``, closing the socket, the counts the host and
 the runner keep); what a protocol's exception means (the connection is
 aborted, the error counted and logged, or raised with
 ``handler_errors="raise"``); aborting every connection when the task is
-cancelled (the end of a drain's grace, the listener's nursery cancelled).
+cancelled (the end of a drain's grace, the listener's nursery cancelled);
+the tasks a connection starts (``Transport.start_task``) or is handed to
+(``Transport.hand_over``), which hold its slot until the last one ends.
 
 Two engines, one behaviour:
 
@@ -104,6 +106,21 @@ class Engine:
     # An error to raise out of the engine's task (handler_errors="raise"),
     # met where it could not be raised (in the accept task).
     _error: BaseException | None = attrs.field(default=None, init=False)
+    #: Starts ``async_fn(*args)`` where the listener's handlers run (the
+    #: host's nursery); set by the host. For start_task and hand_over.
+    spawn: Callable[..., None] | None = attrs.field(default=None, init=False)
+    # Connections whose slot something besides the engine holds (tasks of
+    # start_task, a handed-over handler): how many such holders each has.
+    _holders: dict[Transport, int] = attrs.field(factory=dict, init=False)
+    # Lost connections whose slot waits for their holders: the on_lost to
+    # call then (None without max_connections_per_client).
+    _parked: dict[Transport, Callable[[], None] | None] = attrs.field(
+        factory=dict, init=False
+    )
+    # Connections being handed over: (async_fn, args, data, unsent bytes).
+    _handing: dict[Transport, tuple[Any, tuple[Any, ...], bytes, bytes]] = attrs.field(
+        factory=dict, init=False
+    )
 
     def register(
         self,
@@ -200,7 +217,10 @@ class Engine:
         if self.transports.get(fd) is transport:
             del self.transports[fd]
             on_lost = self._on_lost.pop(fd, None)
-        close(transport._sock)
+        handing = self._handing.pop(transport, None)
+        if handing is None or not counted:
+            close(transport._sock)
+            handing = None
         try:
             try:
                 protocol.connection_lost(exc)
@@ -211,14 +231,128 @@ class Engine:
                     )
                 else:
                     exc, error = lost_error, True
-            if counted:
+            if handing is not None and not error:
+                # The handler's end is the connection's end, counted there.
+                self._start_handed(transport, *handing)
+                handing = None
+            elif counted:
                 self._count(exc, error, transport._addr)
         finally:
-            try:
-                if on_lost is not None:
-                    on_lost()
-            finally:
-                self.done()
+            if handing is not None:
+                # connection_lost raised: counted above, the handler never runs.
+                close(transport._sock)
+            self._give_back(transport, on_lost)
+
+    def _give_back(
+        self, transport: Transport, on_lost: Callable[[], None] | None
+    ) -> None:
+        """Give back a lost connection's slot, or park it for its holders."""
+        if transport in self._holders:
+            self._parked[transport] = on_lost
+            return
+        try:
+            if on_lost is not None:
+                on_lost()
+        finally:
+            self.done()
+
+    # ------------------------------------------------------------------
+    # Tasks beside the connection (Transport.start_task, hand_over)
+
+    def _hold(self, transport: Transport) -> None:
+        self._holders[transport] = self._holders.get(transport, 0) + 1
+
+    def _release(self, transport: Transport) -> None:
+        """One holder of ``transport``'s slot is done; the last gives it back."""
+        left = self._holders[transport] - 1
+        if left:
+            self._holders[transport] = left
+            return
+        del self._holders[transport]
+        if transport in self._parked:
+            self._give_back(transport, self._parked.pop(transport))
+
+    def start_task(
+        self, transport: Transport, async_fn: Any, args: tuple[Any, ...]
+    ) -> None:
+        """Run ``async_fn(*args)`` beside the handlers, holding ``transport``'s slot."""
+        assert self.spawn is not None
+        self._hold(transport)
+        try:
+            self.spawn(self._run_task, transport, async_fn, args)
+        except BaseException:
+            self._release(transport)
+            raise
+
+    async def _run_task(
+        self, transport: Transport, async_fn: Any, args: tuple[Any, ...]
+    ) -> None:
+        try:
+            await async_fn(*args)
+        except Exception as exc:
+            if self._state.cancelling:
+                # It failed while a drain cancelled it: the drain's doing.
+                logger.debug("task of %r raised once drained", transport, exc_info=True)
+            elif transport._lost is None:
+                # Its connection ends with the error: counted (or raised)
+                # once, as the connection's end, by _finish.
+                transport._failed(exc)
+            else:
+                self._runner.count_error(exc, transport._addr)
+                if self._raise_errors:
+                    raise
+        finally:
+            self._release(transport)
+
+    def hand_over(
+        self,
+        transport: Transport,
+        async_fn: Any,
+        args: tuple[Any, ...],
+        data: bytes,
+        unsent: bytes,
+    ) -> None:
+        """Note that ``transport``, about to be lost, goes to a handler instead."""
+        self._handing[transport] = (async_fn, args, data, unsent)
+
+    def _start_handed(
+        self,
+        transport: Transport,
+        async_fn: Any,
+        args: tuple[Any, ...],
+        data: bytes,
+        unsent: bytes,
+    ) -> None:
+        assert self.spawn is not None
+        sock = transport._sock
+        self._hold(transport)
+        try:
+            self.spawn(self._run_handed, transport, async_fn, args, data, unsent)
+        except BaseException:
+            close(sock)
+            self._release(transport)
+            raise
+
+    async def _run_handed(
+        self,
+        transport: Transport,
+        async_fn: Any,
+        args: tuple[Any, ...],
+        data: bytes,
+        unsent: bytes,
+    ) -> None:
+        runner = self._runner
+        sock = transport._sock
+        try:
+            await runner.run(
+                sock,
+                None,
+                transport._addr,
+                _call_handed,
+                (async_fn, data, unsent, *args),
+            )
+        finally:
+            self._release(transport)
 
     def _count(self, exc: BaseException | None, error: bool, addr: Any) -> None:
         """Count how a connection ended, as a handler's end is counted."""
@@ -423,6 +557,22 @@ class TaskEngine(Engine):
 
     def wake(self) -> None:
         self._wakeup.set()
+
+
+async def _call_handed(
+    listener: object,
+    stream: Any,
+    addr: object,
+    async_fn: Any,
+    data: bytes,
+    unsent: bytes,
+    *args: Any,
+) -> None:
+    """A handed-over connection's handler: the protocol's unsent bytes, then
+    ``async_fn``."""
+    if unsent:
+        await stream.send_all(unsent)
+    await async_fn(stream, data, *args)
 
 
 async def _wait_either(sock: StdSocket) -> int:

@@ -32,7 +32,7 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from socket import socket as StdSocket
 
     from ._clients import ClientLimiter
@@ -95,6 +95,52 @@ class HandlerHost:
         """Protocol mode: connections go to ``engine``, which runs in our nursery."""
         self._engine = engine
         engine.done = self._done
+        engine.spawn = self._spawn
+
+    def _spawn(self, async_fn: Callable[..., Any], *args: Any) -> None:
+        """Protocol mode: start an engine's task (start_task, hand_over)
+        beside the handlers, so that a drain waits for it and cancels it."""
+        assert self._spawn_into is not None
+        if self._scoped:
+            self._spawn_into.start_soon(
+                self._in_own_scope, async_fn, *args, name=self.task_name
+            )
+        else:
+            self._spawn_into.start_soon(async_fn, *args, name=self.task_name)
+
+    async def _in_own_scope(self, async_fn: Callable[..., Any], *args: Any) -> None:
+        with self._own_scope():
+            await async_fn(*args)
+
+    @contextlib.contextmanager
+    def _own_scope(self) -> Iterator[None]:
+        """A cancel scope drain() cancels, for a task in a caller's
+        handler_nursery (which it must not cancel), as :meth:`_run` keeps."""
+        own = trio.CancelScope()
+        if self._state.cancelling:
+            own.cancel()
+        task = trio.lowlevel.current_task()
+        self._scopes[task] = own
+        try:
+            with own:
+                yield
+        finally:
+            del self._scopes[task]
+            if not self._scopes:
+                self._scopes.clear()  # see _run
+
+    async def _serve_engine(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the engine until the listener is closed and idle (in a
+        caller's handler_nursery: :meth:`host` does this in ours)."""
+        assert self._engine is not None
+        with self._own_scope():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._engine.run)
+                task_status.started()
+                await self._state.closed_event.wait()
+                self._engine.wake()  # to end once idle
 
     # ------------------------------------------------------------------
     # Where handlers run
@@ -125,10 +171,17 @@ class HandlerHost:
         finally:
             self._runner.flush_log("; listener closed")
 
-    def use_nursery(self, nursery: trio.Nursery) -> None:
-        """Run handlers in the caller's ``nursery``, each in its own scope."""
+    async def use_nursery(self, nursery: trio.Nursery) -> None:
+        """Run handlers in the caller's ``nursery``, each in its own scope.
+
+        In protocol mode the engine starts there too, in a scope of its own,
+        so that its connections outlive the ``async with`` block as task
+        mode's handlers do, and a drain cancels it and nothing else.
+        """
         self._spawn_into = nursery
         self._scoped = True
+        if self._engine is not None:
+            await nursery.start(self._serve_engine, name=self.task_name)
 
     def is_handler(self, task: trio.lowlevel.Task) -> bool:
         """Whether ``task`` is one of our handlers, or runs inside one."""

@@ -666,7 +666,7 @@ async def run_listener(
                 await nursery.start(listener._host.host)
             else:
                 listener._nursery = handler_nursery
-                listener._host.use_nursery(handler_nursery)
+                await listener._host.use_nursery(handler_nursery)
             await nursery.start(listener._accept)
             if listener._lag is not None:
                 nursery.start_soon(listener._lag.run)

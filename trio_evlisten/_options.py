@@ -584,13 +584,9 @@ def resolve(
 def _refuse_in_protocol_mode(
     given: Mapping[str, object], resolved: ListenerOptions, flags: Flag
 ) -> None:
-    """Refuse what protocol mode does not do (yet, for TLS and a nursery)."""
+    """Refuse what protocol mode does not do (yet, for TLS)."""
     for name, why in (
         ("ssl_context", "TLS in protocol mode is not built yet"),
-        (
-            "handler_nursery",
-            "protocol mode serves connections from a task of the listener's own",
-        ),
         ("stream", "a protocol gets a transport, not a stream"),
     ):
         if name in given and resolved[name] is not None:  # type: ignore[literal-required]

@@ -31,8 +31,10 @@ import socket as _socket
 from asyncio import trsock
 from typing import TYPE_CHECKING, Any, Final, final
 
+from ._checks import check_task_fn
+
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Awaitable, Callable, Iterable
 
     from ._engine import Engine
 
@@ -87,7 +89,8 @@ class Transport(asyncio.Transport):
     The protocol gets it in ``connection_made``. Every method is asyncio's
     (:class:`asyncio.Transport`), with its semantics; beyond them,
     :attr:`listener` is the :class:`~trio_evlisten.ConnListener` serving the
-    connection.
+    connection, :meth:`start_task` runs async work for it, and
+    :meth:`hand_over` gives the connection to a task-mode handler.
 
     Don't construct it; the listener does.
 
@@ -169,6 +172,105 @@ class Transport(asyncio.Transport):
         ``listener.statistics()``.
         """
         return self._engine.listener
+
+    def start_task(
+        self, async_fn: Callable[..., Awaitable[object]], *args: Any
+    ) -> None:
+        """Run ``async_fn(*args)`` in a task where the listener's handlers run.
+
+        For async work a protocol's callbacks cannot do (a database call per
+        request): the task writes its result back with :meth:`write`. It is
+        the connection's: its slot (``max_connections``,
+        ``max_connections_per_client``) stays held, and ``active`` counts it,
+        until the connection is lost *and* its tasks have finished; a drain
+        waits for them and cancels them at the end of its grace.
+
+        Raises:
+            TypeError: ``async_fn`` is not an async function taking ``*args``.
+            RuntimeError: the transport is closing or its connection lost
+                (no task could be tied to it).
+
+        Error handling:
+            An exception from the task aborts its connection if it is not
+            lost yet (the protocol's ``connection_lost`` gets it) and is
+            counted and logged as a handler's (raised into the listener's
+            nursery with ``handler_errors="raise"``); once the connection is
+            lost, it is counted and logged (or raised) by itself.
+
+        Resource handling:
+            The task owns nothing of the connection's; the listener still
+            closes the socket when the connection is lost.
+        """
+        check_task_fn(async_fn, "start_task", (), args)
+        self._refuse_when_closing("start_task")
+        self._engine.start_task(self, async_fn, args)
+
+    def hand_over(
+        self,
+        async_fn: Callable[..., Awaitable[object]],
+        *args: Any,
+        data: bytes | bytearray | memoryview = b"",
+    ) -> None:
+        """Stop serving this connection as a protocol; a handler task takes it.
+
+        ``async_fn(stream, data, *args)`` then runs where the listener's
+        handlers run, with the :class:`~trio_evlisten.SocketStream` a task-mode
+        handler gets, over the same socket, holding the same slot, and is
+        counted as a handler's end when it returns. ``data`` is what the
+        protocol already received and wants the handler to see first
+        (sniffed bytes; h11's ``trailing_data`` after an Upgrade).
+
+        From this call on the protocol gets no more calls but one:
+        ``connection_lost(None)``, soon (never within this call), since the
+        connection is over for it, as after :meth:`close`. What :meth:`write`
+        buffered is sent on the stream before ``async_fn`` runs.
+
+        Raises:
+            TypeError: ``async_fn`` is not an async function taking
+                ``(stream, data, *args)``, or ``data`` is not bytes-like.
+            RuntimeError: the transport is closing, lost, or after
+                :meth:`write_eof`, or it speaks TLS (handing over a TLS
+                session is not done).
+
+        Error handling:
+            The handler's exceptions are treated as a task-mode handler's
+            (counted and logged, or raised with ``handler_errors="raise"``).
+            If ``connection_lost`` raises, that is counted as the
+            connection's error and the handler never runs.
+
+        Resource handling:
+            The socket passes to the handler's stream; the listener closes
+            it when the handler returns, as in task mode.
+        """
+        check_task_fn(async_fn, "hand_over", ("stream", "data"), args)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(
+                f"hand_over's data must be bytes-like (what the protocol "
+                f"received and the handler should see first), not {data!r}"
+            )
+        self._refuse_when_closing("hand_over")
+        if self._eof:
+            raise RuntimeError(
+                "hand_over() after write_eof(): the write side is shut, so "
+                "no handler could answer; hand over before write_eof()"
+            )
+        if self.get_extra_info("ssl_object") is not None:
+            raise RuntimeError(
+                "hand_over() of a TLS transport is not supported: the TLS "
+                "session cannot move to a stream; serve this listener in "
+                "task mode, or without TLS"
+            )
+        unsent = bytes(self._wbuf) if self._wbuf else b""
+        self._engine.hand_over(self, async_fn, args, bytes(data), unsent)
+        self._lose(None)
+
+    def _refuse_when_closing(self, method: str) -> None:
+        if self._closing:
+            state = "lost" if self._lost else "closing"
+            raise RuntimeError(
+                f"{method}() on a {state} transport ({self!r}): call it while "
+                f"the connection is open, before close() or abort()"
+            )
 
     # ------------------------------------------------------------------
     # BaseTransport

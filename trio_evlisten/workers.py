@@ -34,6 +34,11 @@ A worker on SIGTERM/SIGINT stops accepting, lets running handlers finish for
 itself if its supervisor disappears (it checks its parent pid every second),
 so a SIGKILLed supervisor leaves no orphans serving the port for long.
 
+``--protocol [MODULE:FACTORY]`` serves a protocol factory (protocol mode,
+``open_listener(protocol=...)``) in every worker instead of an accept
+callback; without ``MODULE:FACTORY``, the echo protocol
+(``trio_evlisten._cli:EchoProtocol``).
+
 ``--proxy-protocol`` (with ``--proxy-trusted NETWORK``, repeatable; default
 loopback) opens the workers' listeners with ``proxy_protocol=True``, for
 running behind HAProxy or nginx.
@@ -64,6 +69,7 @@ from ._open import open_listener
 from ._option_flags import add_arguments, from_arguments, to_argv
 from ._options import resolve
 from ._supervisor import Supervisor, hold_stop_signals, reserve_port
+from ._transport import check_protocol_factory
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -77,6 +83,8 @@ if TYPE_CHECKING:
 logger: Final = logging.getLogger("trio_evlisten.workers")
 
 DEFAULT_HANDLER: Final = "trio_evlisten.workers:echo"
+#: What ``--protocol`` alone serves: the echo as an asyncio Protocol.
+DEFAULT_PROTOCOL: Final = "trio_evlisten._cli:EchoProtocol"
 #: A worker's ``drain_timeout`` unless ``--drain-timeout`` says otherwise.
 DEFAULT_DRAIN_TIMEOUT: Final = 5.0
 #: How often a worker checks that its supervisor is still there.
@@ -116,7 +124,7 @@ def load_handler(spec: str) -> AcceptCallback:
 
 
 async def run_worker(
-    handler: AcceptCallback,
+    handler: AcceptCallback | None,
     host: str,
     port: int,
     *,
@@ -125,6 +133,8 @@ async def run_worker(
     **options: Unpack[ListenerOptions],
 ) -> None:
     """Serve ``handler`` on ``(host, port)`` with ``REUSEABLE_PORT`` until told to stop.
+
+    ``handler=None`` with ``protocol=`` in ``options`` serves in protocol mode.
 
     Returns on SIGTERM/SIGINT (after draining as ``options`` say:
     ``drain_timeout=`` bounds it), or when the parent is no longer
@@ -253,6 +263,18 @@ def _parser() -> argparse.ArgumentParser:
         f"(default: {DEFAULT_HANDLER})",
     )
     parser.add_argument(
+        "--protocol",
+        nargs="?",
+        const=DEFAULT_PROTOCOL,
+        # Not "protocol": from_arguments() reads the listener options by
+        # name, and this one is a spec to import, not the factory.
+        dest="protocol_spec",
+        metavar="MODULE:FACTORY",
+        help="serve a protocol factory (an asyncio.Protocol class, say) in "
+        "protocol mode instead of an accept callback; --protocol alone "
+        f"serves {DEFAULT_PROTOCOL}",
+    )
+    parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)"
     )
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
@@ -315,7 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "%(message)s",
     )
     if opts.worker_of is not None:
-        handler, options = _checked(parser, opts)
+        loaded, options = _checked(parser, opts)
+        handler: AcceptCallback | None = loaded
+        if opts.protocol_spec is not None:
+            options["protocol"] = loaded
+            handler = None
         trio.run(
             functools.partial(
                 run_worker,
@@ -340,17 +366,34 @@ def _checked(
     """The handler and the listener options, or a usage error (exit 2)."""
     if not 0 <= opts.port <= 0xFFFF:
         parser.error(f"--port must be in 0..65535, not {opts.port}")
+    # The default handler, as argparse fills it in, cannot be told from one
+    # typed: only another handler is refused beside --protocol.
+    if opts.protocol_spec is not None and opts.handler != DEFAULT_HANDLER:
+        parser.error(
+            f"give an accept callback ({opts.handler}) or --protocol "
+            f"{opts.protocol_spec}, not both"
+        )
+    spec = opts.protocol_spec or opts.handler
+    what = "handler" if opts.protocol_spec is None else "protocol factory"
     try:
-        handler = load_handler(opts.handler)
-    except (ImportError, ValueError) as exc:
-        parser.error(f"cannot load the handler {opts.handler!r}: {exc}")
+        handler = load_handler(spec)
+        if opts.protocol_spec is not None:
+            check_protocol_factory(handler, "--protocol")
+    except (ImportError, ValueError, TypeError) as exc:
+        parser.error(f"cannot load the {what} {spec!r}: {exc}")
     options = from_arguments(opts)
     if "proxy_trusted" in options and not options.get("proxy_protocol"):
         parser.error("--proxy-trusted needs --proxy-protocol")
     try:
         # What every worker's open_listener would refuse, refused once here
         # (--proxy-timeout without --proxy-protocol, say), not in a crash loop.
-        resolve(options, Flag(0), caller="python -m trio_evlisten.workers")
+        resolve(
+            {**options, "protocol": handler}
+            if opts.protocol_spec is not None
+            else options,
+            Flag(0),
+            caller="python -m trio_evlisten.workers",
+        )
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
     return handler, options
@@ -391,15 +434,20 @@ def _supervise(
             str(port),
             *to_argv(options),
             *([] if metrics_dir is None else ["--metrics-dir", metrics_dir]),
-            opts.handler,
+            *(
+                [opts.handler]
+                if opts.protocol_spec is None
+                else ["--protocol", opts.protocol_spec]
+            ),
         ]
         logger.info(
-            "supervisor pid %d: %d workers on %s:%d, handler %s",
+            "supervisor pid %d: %d workers on %s:%d, %s %s",
             os.getpid(),
             opts.workers,
             opts.host,
             port,
-            opts.handler,
+            "handler" if opts.protocol_spec is None else "protocol",
+            opts.protocol_spec or opts.handler,
         )
         supervisor = Supervisor(
             command,
