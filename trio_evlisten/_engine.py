@@ -179,15 +179,7 @@ class Engine:
             transport._read_ready()
         if ready & _WRITE_EVENTS and transport._mask & WRITE:
             transport._write_ready()
-        took = time.monotonic() - began
-        if took > SLOW_CALLBACK:
-            logger.warning(
-                "serving %r took %.3f seconds: protocol callbacks run one after "
-                "another in the listener's task, so every other connection "
-                "waited that long; move slow work to a task",
-                transport,
-                took,
-            )
+        _check_slow(transport, time.monotonic() - began)
 
     def _finish(self, transport: Transport, *, counted: bool = True) -> None:
         """Close a lost connection, tell its protocol, count it, free its slot.
@@ -321,9 +313,13 @@ class EpollEngine(Engine):
                 self._wake_fd = -1
 
     def _serve(self, events: list[tuple[int, int]]) -> None:
+        # HOT PATH (rt): _serve_one inlined, and one clock read per
+        # connection: each one's time runs from the previous one's end.
         transports = self.transports
+        clock = time.monotonic
         self._serving = True
         try:
+            began = clock()
             for fd, ready in events:
                 transport = transports.get(fd)
                 if transport is None:
@@ -332,9 +328,16 @@ class EpollEngine(Engine):
                         with contextlib.suppress(BlockingIOError):
                             os.eventfd_read(fd)
                     continue
-                self._serve_one(transport, ready)
+                if ready & _READ_EVENTS and transport._mask & READ:
+                    transport._read_ready()
+                if ready & _WRITE_EVENTS and transport._mask & WRITE:
+                    transport._write_ready()
                 if self._soon:
                     self._finish_soon()
+                now = clock()
+                if now - began > SLOW_CALLBACK:
+                    _check_slow(transport, now - began)
+                began = now
         finally:
             self._serving = False
 
@@ -439,6 +442,18 @@ class TaskEngine(Engine):
 
     def wake(self) -> None:
         self._wakeup.set()
+
+
+def _check_slow(transport: Transport, took: float) -> None:
+    """Warn if serving ``transport`` took longer than :data:`SLOW_CALLBACK`."""
+    if took > SLOW_CALLBACK:
+        logger.warning(
+            "serving %r took %.3f seconds: protocol callbacks run one after "
+            "another in the listener's task, so every other connection "
+            "waited that long; move slow work to a task",
+            transport,
+            took,
+        )
 
 
 async def _wait_either(sock: StdSocket) -> int:
