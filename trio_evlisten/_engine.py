@@ -288,8 +288,8 @@ class EpollEngine(Engine):
                 # found connections ready, a bare checkpoint is enough:
                 # wait_readable would cost Trio an epoll_ctl (its one-shot
                 # re-arm), a wait and its bookkeeping on top of the same
-                # scheduler pass, about twice a checkpoint's cost. The look
-                # is one epoll_wait(0), wasted only when nothing is ready.
+                # scheduler pass. The look is one epoll_wait(0), wasted only
+                # when nothing is ready.
                 if ready:
                     await trio.lowlevel.checkpoint()
                 else:
