@@ -87,6 +87,18 @@ _WRITE_EVENTS: Final = _EPOLLOUT | _EPOLLERR | _EPOLLHUP
 assert (_EPOLLIN, _EPOLLOUT) == (READ, WRITE), "the transport speaks epoll's values"
 
 
+def _check_slow(transport: Transport, took: float) -> None:
+    """Warn if serving ``transport`` took longer than :data:`SLOW_CALLBACK`."""
+    if took > SLOW_CALLBACK:
+        logger.warning(
+            "serving %r took %.3f seconds: protocol callbacks run one after "
+            "another in the listener's task, so every other connection "
+            "waited that long; move slow work to a task",
+            transport,
+            took,
+        )
+
+
 @attrs.define(eq=False)
 class Engine:
     """What both engines share: starting, finishing and aborting connections."""
@@ -442,18 +454,6 @@ class TaskEngine(Engine):
 
     def wake(self) -> None:
         self._wakeup.set()
-
-
-def _check_slow(transport: Transport, took: float) -> None:
-    """Warn if serving ``transport`` took longer than :data:`SLOW_CALLBACK`."""
-    if took > SLOW_CALLBACK:
-        logger.warning(
-            "serving %r took %.3f seconds: protocol callbacks run one after "
-            "another in the listener's task, so every other connection "
-            "waited that long; move slow work to a task",
-            transport,
-            took,
-        )
 
 
 async def _wait_either(sock: StdSocket) -> int:
