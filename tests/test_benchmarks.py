@@ -252,6 +252,31 @@ def test_stream_micro_runs_and_reports_every_stream() -> None:
         assert name in done.stdout
 
 
+def test_engine_micro_runs_and_reports_every_row() -> None:
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "benchmarks.engine_micro", "--rounds", "1"),
+            *("--wakes", "200", "--events", "640", "--conns", "8"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in (
+        "wait_readable",
+        "look+checkpoint",
+        "checkpoint",
+        "poll(0)",
+        "asyncio reader",
+        "engine._serve",
+        "fake recv+send",
+    ):
+        assert name in done.stdout
+
+
 @pytest.mark.slow
 def test_drain_load_counts_what_a_stopped_server_lost() -> None:
     """Each server kind runs under load, is stopped, and every attempt is counted."""

@@ -505,6 +505,38 @@ async def test_slow_callback_is_logged(caplog: pytest.LogCaptureFixture) -> None
     assert any("took" in r.getMessage() for r in caplog.records)
 
 
+async def test_other_tasks_run_while_a_connection_stays_ready() -> None:
+    # A one-byte buffer keeps the connection readable for thousands of
+    # wakes: the engine must checkpoint between batches all the same (it
+    # skips wait_readable while connections are known to be ready).
+    class OneByte(asyncio.BufferedProtocol):
+        def __init__(self) -> None:
+            self.buf = bytearray(1)
+            self.n = 0
+            self.first = trio.Event()
+
+        def get_buffer(self, sizehint: int) -> bytearray:
+            return self.buf
+
+        def buffer_updated(self, nbytes: int) -> None:
+            self.n += nbytes
+            self.first.set()
+
+    factory = Made(OneByte)
+    sent = 64 * 1024
+    with trio.fail_after(10):
+        async with (
+            listen(protocol=factory) as listener,
+            await connect(listener) as client,
+        ):
+            await client.send_all(b"x" * sent)
+            protocol: OneByte = await factory.wait()
+            await protocol.first.wait()
+            for _ in range(20):
+                await trio.lowlevel.checkpoint()
+            assert 0 < protocol.n < sent
+
+
 # ----------------------------------------------------------------------
 # The listener's features in protocol mode
 
