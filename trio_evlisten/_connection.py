@@ -26,8 +26,10 @@ from ._errors import GroupedLog
 from ._flags import Flag
 from ._proxy_reader import REJECTED
 from ._stream import SocketStream, adopt, close_socket, prepare_listening_socket
+from ._tls_transport import handshake
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Callable
     from socket import socket as StdSocket
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from ._proxy_reader import ProxyReader
     from ._recorder import ConnectionRecorder
     from ._state import AcceptCallback, ListenerState
+    from ._tls_transport import TLSSession
 
 logger: Final = logging.getLogger("trio_evlisten")
 
@@ -125,8 +128,17 @@ class ConnectionRunner:
                     close(conn)
                     return None
             context = self._options["ssl_context"]
+            protocols = self._options["protocol"] is not None
             if context is None:
-                return self.plain(conn), addr
+                # Protocol mode: the engine makes the transport itself.
+                return (None if protocols else self.plain(conn)), addr
+            if protocols:
+                session = await self._handshake_bio(conn, context, addr)
+                if session is None:
+                    close(conn)
+                    return None
+                quickack(conn)
+                return session, addr
             tls = trio.SSLStream(self._stream(conn), context, server_side=True)
             if await self._handshake(tls, addr):
                 quickack(conn)
@@ -158,6 +170,27 @@ class ConnectionRunner:
         with self._state.lock:
             self.tls_failures += 1
         return False
+
+    async def _handshake_bio(
+        self, conn: StdSocket, context: ssl.SSLContext, addr: Any
+    ) -> TLSSession | None:
+        """Protocol mode's handshake (memory BIOs, for the engine to go on
+        with): counted, timed out and logged as :meth:`_handshake`'s."""
+        began = trio.current_time()
+        conn.setblocking(False)
+        with trio.move_on_after(self._options["tls_handshake_timeout"]):
+            try:
+                session = await handshake(conn, context)
+            except OSError:
+                # ssl.SSLError included: as _handshake's BrokenResourceError.
+                logger.debug("TLS handshake with %r failed", addr, exc_info=True)
+            else:
+                if self.recorder is not None:
+                    self.recorder.tls_handshake.observe(trio.current_time() - began)
+                return session
+        with self._state.lock:
+            self.tls_failures += 1
+        return None
 
     # ------------------------------------------------------------------
     # The handler

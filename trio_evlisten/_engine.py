@@ -54,6 +54,7 @@ import attrs
 import trio
 
 from ._connection import close
+from ._tls_transport import TLSTransport
 from ._transport import READ, WRITE, Transport
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 
     from ._connection import ConnectionRunner
     from ._state import ListenerState
+    from ._tls_transport import TLSSession
 
 logger: Final = logging.getLogger("trio_evlisten")
 
@@ -142,11 +144,14 @@ class Engine:
         addr: Any,
         factory: Callable[[], Any],
         on_lost: Callable[[], None] | None = None,
+        tls: TLSSession | None = None,
     ) -> None:
         """Serve ``sock`` with a new protocol from ``factory`` (a slot is held).
 
         ``on_lost`` is called once when the connection ends, before the slot
-        is given back (the host's per-client count).
+        is given back (the host's per-client count). ``tls``: the session
+        of a handshake done in the preamble; the protocol then speaks
+        through a :class:`~._tls_transport.TLSTransport`.
 
         Error handling:
             A factory or ``connection_made`` that raises ends this connection
@@ -172,7 +177,10 @@ class Engine:
                     on_lost()
                 self.done()
             return
-        transport = Transport(self, sock, addr, protocol)
+        if tls is None:
+            transport = Transport(self, sock, addr, protocol)
+        else:
+            transport = TLSTransport(self, sock, addr, protocol, tls)
         self.transports[transport._fd] = transport
         if on_lost is not None:
             self._on_lost[transport._fd] = on_lost
@@ -181,6 +189,9 @@ class Engine:
             protocol.connection_made(transport)
         except Exception as exc:
             transport._failed(exc)
+            return
+        if isinstance(transport, TLSTransport):
+            transport._started()
 
     def _start(self, transport: Transport) -> None:
         transport._update()

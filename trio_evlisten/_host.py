@@ -27,6 +27,7 @@ import trio
 from ._clients import HOLD, REFUSED
 from ._connection import close
 from ._stats import DrainResult
+from ._tls_transport import TLSSession
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -290,7 +291,10 @@ class HandlerHost:
                         assert clients is not None
                         on_lost = functools.partial(clients.leave, key)
                         key = None
-                    engine.register(conn, opened[1], cb, on_lost)
+                    # With TLS, the preamble's handshake gave its session.
+                    tls = opened[0]
+                    assert tls is None or isinstance(tls, TLSSession), tls
+                    engine.register(conn, opened[1], cb, on_lost, tls)
                     return
                 await runner.run(conn, opened[0], opened[1], cb, args, since=since)
         finally:

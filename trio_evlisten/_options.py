@@ -584,11 +584,8 @@ def resolve(
 def _refuse_in_protocol_mode(
     given: Mapping[str, object], resolved: ListenerOptions, flags: Flag
 ) -> None:
-    """Refuse what protocol mode does not do (yet, for TLS)."""
-    for name, why in (
-        ("ssl_context", "TLS in protocol mode is not built yet"),
-        ("stream", "a protocol gets a transport, not a stream"),
-    ):
+    """Refuse what cannot apply in protocol mode."""
+    for name, why in (("stream", "a protocol gets a transport, not a stream"),):
         if name in given and resolved[name] is not None:  # type: ignore[literal-required]
             raise ValueError(
                 f"{name}= cannot be given with protocol=: {why}; leave out one of them"

@@ -29,7 +29,7 @@ import asyncio
 import inspect
 import socket as _socket
 from asyncio import trsock
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final
 
 from ._checks import check_task_fn
 
@@ -55,7 +55,7 @@ READ: Final = 1  # select.EPOLLIN
 WRITE: Final = 4  # select.EPOLLOUT
 
 # Errors of a non-blocking call that mean "not now", not "broken".
-_NOT_NOW: Final = (BlockingIOError, InterruptedError)
+NOT_NOW: Final = (BlockingIOError, InterruptedError)
 
 
 def check_protocol_factory(factory: object, name: str = "protocol") -> object:
@@ -82,7 +82,6 @@ def check_protocol_factory(factory: object, name: str = "protocol") -> object:
     return factory
 
 
-@final
 class Transport(asyncio.Transport):
     """One connection in protocol mode: asyncio's ``Transport`` over a socket.
 
@@ -396,7 +395,7 @@ class Transport(asyncio.Transport):
             # HOT PATH: the kernel usually takes it all, and nothing is kept.
             try:
                 n = self._sock.send(data)
-            except _NOT_NOW:
+            except NOT_NOW:
                 n = 0
             except OSError as exc:
                 self._lose(exc)
@@ -476,7 +475,7 @@ class Transport(asyncio.Transport):
             return
         try:
             data = self._sock.recv(MAX_READ)
-        except _NOT_NOW:
+        except NOT_NOW:
             return
         except OSError as exc:
             self._lose(exc)
@@ -499,7 +498,7 @@ class Transport(asyncio.Transport):
             return
         try:
             nbytes = self._sock.recv_into(buf)
-        except _NOT_NOW:
+        except NOT_NOW:
             return
         except OSError as exc:
             self._lose(exc)
@@ -532,7 +531,7 @@ class Transport(asyncio.Transport):
             return
         try:
             n = self._sock.send(wbuf)
-        except _NOT_NOW:
+        except NOT_NOW:
             return
         except OSError as exc:
             self._lose(exc)
