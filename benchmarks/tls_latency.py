@@ -18,6 +18,9 @@ The servers (``KIND`` below):
 * ``ours``: :func:`trio_evlisten.open_listener` with ``ssl_context=``, as
   released (``TCP_QUICKACK`` around the handshake, see docs/choices.md);
 * ``ours-noquickack``: the same with that step made a no-op;
+* ``ours-protocol``: protocol mode (an asyncio ``Protocol`` over the TLS
+  transport), which needs no ``TCP_QUICKACK``: its handshake sends TLS
+  1.3's session tickets at once, and they carry the ACK;
 * ``trio``: :func:`trio.serve_tcp` and :class:`trio.SSLStream`;
 * ``trio-quickack``, ``trio-quickack-before``, ``trio-quickack-after``: the
   same, the handler setting ``TCP_QUICKACK`` before and after the handshake,
@@ -48,6 +51,7 @@ certificate directory removed, however the run ends.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
 import os
@@ -80,12 +84,19 @@ TIMEOUT: Final = 10.0
 SERVERS: Final = {
     "ours": "trio_evlisten, ssl_context= (TCP_QUICKACK around the handshake)",
     "ours-noquickack": "trio_evlisten, the TCP_QUICKACK step made a no-op",
+    "ours-protocol": "trio_evlisten protocol mode, ssl_context=",
     "trio": "trio.serve_tcp + trio.SSLStream",
     "trio-quickack": "trio.serve_tcp + SSLStream, TCP_QUICKACK before and after",
     "trio-quickack-before": "trio.serve_tcp + SSLStream, TCP_QUICKACK before only",
     "trio-quickack-after": "trio.serve_tcp + SSLStream, TCP_QUICKACK after only",
 }
-DEFAULT_SERVERS: Final = ("ours", "ours-noquickack", "trio", "trio-quickack")
+DEFAULT_SERVERS: Final = (
+    "ours",
+    "ours-noquickack",
+    "ours-protocol",
+    "trio",
+    "trio-quickack",
+)
 CLIENTS: Final = {
     "python": "stdlib ssl over socket.create_connection (Nagle on)",
     "openssl": "openssl s_client -quiet, process start to first echo",
@@ -145,6 +156,45 @@ async def serve_ours(
         await trio.sleep_forever()
 
 
+class AnswerProtocol(asyncio.Protocol):
+    """:func:`answer` as a protocol: echo, or answer a ``GET`` and close."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.request = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.request or data.startswith(b"GET "):
+            self.request += data
+            if b"\r\n\r\n" in self.request:
+                self.transport.write(HTTP_RESPONSE)
+                self.transport.close()
+            return
+        self.transport.write(data)
+
+
+async def serve_ours_protocol(
+    context: ssl.SSLContext,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    import trio_evlisten
+
+    async with trio_evlisten.open_listener(
+        address=(HOST, 0),
+        flags=trio_evlisten.Flag.CLOSE_ON_FREE,
+        ssl_context=context,
+        protocol=AnswerProtocol,
+    ) as listener:
+        task_status.started(listener.port)
+        await trio.sleep_forever()
+
+
 async def serve_trio(
     context: ssl.SSLContext,
     before: bool,
@@ -178,6 +228,8 @@ async def run_server(kind: str, context: ssl.SSLContext) -> None:
     """Serve; print the port once listening; stop on SIGINT (see :func:`servers`)."""
     if kind in ("ours", "ours-noquickack"):
         server = functools.partial(serve_ours, context, kind == "ours")
+    elif kind == "ours-protocol":
+        server = functools.partial(serve_ours_protocol, context)
     else:
         before = kind in ("trio-quickack", "trio-quickack-before")
         after = kind in ("trio-quickack", "trio-quickack-after")

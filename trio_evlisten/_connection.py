@@ -137,7 +137,9 @@ class ConnectionRunner:
                 if session is None:
                     close(conn)
                     return None
-                quickack(conn)
+                # No quickack(): the handshake sent TLS 1.3's session
+                # tickets right after the client's Finished, which carries
+                # its ACK (benchmarks/tls_latency.py, ours-protocol).
                 return session, addr
             tls = trio.SSLStream(self._stream(conn), context, server_side=True)
             if await self._handshake(tls, addr):
