@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import shutil
 import socket
 import ssl
 import subprocess
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -369,3 +371,45 @@ async def test_hand_over_is_refused_on_a_tls_transport(
             assert protocol.transport is not None
             with pytest.raises(RuntimeError, match="TLS"):
                 protocol.transport.hand_over(handler)
+
+
+async def test_sessions_are_freed_without_the_cyclic_gc(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    """A served, a failed and a timed-out connection leave no session behind
+    for the cyclic GC (task mode's trio.SSLStream needed help for that)."""
+    factory = Made(Echo)
+    sessions: list[weakref.ref[ssl.SSLObject]] = []
+    gc.collect()
+    gc.disable()
+    try:
+        with trio.fail_after(10):
+            async with listen(
+                protocol=factory, ssl_context=server_ctx, tls_handshake_timeout=0.5
+            ) as listener:
+                async with await tls_connect(listener, client_ctx) as client:
+                    await client.send_all(b"hi")
+                    assert await recv_exactly(client, 2) == b"hi"
+                    protocol: Recorder = await factory.wait()
+                    assert protocol.transport is not None
+                    sessions.append(
+                        weakref.ref(protocol.transport.get_extra_info("ssl_object"))
+                    )
+                    del protocol
+                async with await connect(listener) as plain:
+                    await plain.send_all(b"not TLS\r\n\r\n")
+                    await read_all(plain)
+                async with await connect(listener) as silent:
+                    assert await read_all(silent) == b""
+                await factory.made[0].lost.wait()
+                factory.made.clear()
+                assert listener.statistics().tls_failures == 2
+        assert sessions[0]() is None
+        # No server session left for the cyclic GC to find either (the
+        # client's trio.SSLStream keeps its own in a cycle of trio's).
+        objects = gc.get_objects()
+        assert not [
+            o for o in objects if isinstance(o, ssl.SSLObject) and o.server_side
+        ]
+    finally:
+        gc.enable()
