@@ -231,9 +231,15 @@ class Engine:
         exc, error, protocol = transport._finish()
         fd = transport._fd
         on_lost = None
-        if self.transports.get(fd) is transport:
-            del self.transports[fd]
+        transports = self.transports
+        if transports.get(fd) is transport:
+            del transports[fd]
             on_lost = self._on_lost.pop(fd, None)
+            if not transports:
+                # A dict never shrinks by deleting: give back the table a
+                # burst of connections grew (the soak test measures it).
+                transports.clear()
+                self._on_lost.clear()
         handing = self._handing.pop(transport, None)
         if handing is None or not counted:
             close(transport._sock)
