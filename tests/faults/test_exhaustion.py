@@ -217,11 +217,20 @@ async def test_wakeups_during_a_pause_do_not_resume_early(
 
 CHILD = r'''
 """Echo server whose fds run out by its own connections; commands on stdin."""
-import errno, json, os, resource, sys, time
+import asyncio, errno, json, os, resource, sys, time
 import trio
-from trio_evlisten import Flag, open_listener
+from trio_evlisten import Flag, _engine, open_listener
 
 FREE = int(sys.argv[1])
+# "task", or "protocol-epoll"/"protocol-tasks": protocol mode, that engine.
+MODE = sys.argv[2]
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
 
 async def main():
     errors = []
@@ -234,9 +243,15 @@ async def main():
             await conn.send_all(data)
 
     stdin = trio.lowlevel.FdStream(os.dup(0))
-    async with open_listener(
-        echo, address=("127.0.0.1", 0), flags=Flag.CLOSE_ON_FREE, error_cb=on_error
-    ) as listener:
+    options = dict(
+        address=("127.0.0.1", 0), flags=Flag.CLOSE_ON_FREE, error_cb=on_error
+    )
+    if MODE == "task":
+        listening = open_listener(echo, **options)
+    else:
+        _engine.ENGINE = MODE.split("-")[1]
+        listening = open_listener(protocol=Echo, **options)
+    async with listening as listener:
         # Leave exactly FREE fds: the limit is what is open now plus FREE.
         # (Ballast fills any gap below the highest fd, then is closed again.)
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -285,13 +300,14 @@ async def ask(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["task", "protocol-epoll", "protocol-tasks"])
 async def test_real_emfile_from_held_connections_then_one_closes(
-    tmp_path: Path,
+    tmp_path: Path, mode: str
 ) -> None:
     script = tmp_path / "emfile_by_connections.py"
     script.write_text(CHILD)
     with trio.fail_after(20):
-        async with child_process(str(script), str(FREE)) as proc:
+        async with child_process(str(script), str(FREE), mode) as proc:
             assert proc.stdout is not None
             lines = LineReader(proc.stdout)
             try:
