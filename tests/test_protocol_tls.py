@@ -413,3 +413,90 @@ async def test_sessions_are_freed_without_the_cyclic_gc(
         ]
     finally:
         gc.enable()
+
+
+async def test_data_in_the_same_segment_as_finished_is_not_lost(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    """The client's Finished and its first record arrive at once: the
+    handshake reads both, and the protocol still gets the record."""
+    factory = Made(Echo)
+    with trio.fail_after(10):
+        async with (
+            listen(protocol=factory, ssl_context=server_ctx) as listener,
+            await connect(listener) as raw,
+        ):
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            client = client_ctx.wrap_bio(
+                incoming, outgoing, server_hostname="localhost"
+            )
+            while True:
+                try:
+                    client.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await raw.send_all(outgoing.read())
+                    data = await raw.receive_some(65536)
+                    assert data
+                    incoming.write(data)
+            client.write(b"early")
+            await raw.send_all(outgoing.read())  # Finished and "early" at once
+            protocol: Recorder = await factory.wait()
+            await protocol.got.wait()
+            assert protocol.received == b"early"
+
+
+async def test_a_protocol_error_over_tls_is_counted(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    class Fails(Recorder):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            raise ValueError("bad request")
+
+    factory = Made(Fails)
+    with trio.fail_after(10):
+        async with (
+            listen(protocol=factory, ssl_context=server_ctx) as listener,
+            await tls_connect(listener, client_ctx) as client,
+        ):
+            await client.send_all(b"x")
+            protocol: Recorder = await factory.wait()
+            await protocol.lost.wait()
+            assert isinstance(protocol.events[-1][1], ValueError)
+            assert listener.statistics().handler_errors == 1
+
+
+async def test_a_write_that_needs_a_renegotiation_aborts(
+    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+) -> None:
+    """TLS 1.2 renegotiation is not served: no wait, the connection ends."""
+
+    class Renegotiating(Recorder):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            assert self.transport is not None
+            sslobj = self.transport.get_extra_info("ssl_object")
+
+            def wants_read(data: bytes) -> int:
+                raise ssl.SSLWantReadError("the peer started a handshake")
+
+            # What SSLObject.write raises mid-renegotiation (Python's client
+            # cannot start one).
+            sslobj.write = wants_read
+            self.transport.write(data)
+
+    factory = Made(Renegotiating)
+    with trio.fail_after(10):
+        async with (
+            listen(protocol=factory, ssl_context=server_ctx) as listener,
+            await tls_connect(listener, client_ctx) as client,
+        ):
+            await client.send_all(b"x")
+            protocol: Recorder = await factory.wait()
+            await protocol.lost.wait()
+            exc = protocol.events[-1][1]
+            assert isinstance(exc, ssl.SSLError)
+            assert "renegotiation is not supported" in str(exc)
+            with pytest.raises(trio.BrokenResourceError):
+                await client.receive_some(10)

@@ -162,6 +162,12 @@ class TLSTransport(Transport):
             return
         try:
             self._session.sslobj.write(data)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+            # Only a TLS 1.2 renegotiation makes a write wait for the peer:
+            # not served (TLS 1.3 has none), so the connection ends.
+            error = ssl.SSLError(f"TLS renegotiation is not supported ({exc})")
+            self._lose(error)
+            return
         except ssl.SSLError as exc:
             self._lose(exc)
             return
