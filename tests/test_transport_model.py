@@ -333,13 +333,16 @@ class TransportModel(RuleBasedStateMachine):
 
     def peer_read_to_eof(self) -> None:
         assert self.peer is not None
-        self.peer.setblocking(True)
         self.peer.settimeout(5)
-        while not self.peer_eof:
-            data = self.peer.recv(1 << 16)
-            if not data:
-                self.peer_eof = True
-            self.peer_got += data
+        try:
+            while not self.peer_eof:
+                data = self.peer.recv(1 << 16)
+                if not data:
+                    self.peer_eof = True
+                self.peer_got += data
+        finally:
+            # Later rules expect the peer as it was: never blocking.
+            self.peer.setblocking(False)
 
     @precondition(lambda self: self.peer is not None and not self.peer_shut)
     @rule()
