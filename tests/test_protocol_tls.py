@@ -11,7 +11,6 @@ import asyncio
 import functools
 import gc
 import shutil
-import socket
 import ssl
 import subprocess
 import weakref
@@ -28,6 +27,7 @@ from trio_evlisten._tls_transport import TLSTransport
 
 from .conftest import recv_exactly
 from .test_protocol import Made, Recorder, connect, listen, read_all
+from .test_tls import _blocking_tls_roundtrip
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -85,23 +85,6 @@ async def test_echo_over_tls_and_what_the_transport_tells(
     assert listener.statistics().tls_failures == 0
 
 
-def _stdlib_roundtrip(port: int, ctx: ssl.SSLContext, payload: bytes) -> bytes:
-    """Python's blocking client: it sends right after its Finished (the
-    server's handshake may read those records with it) and leaves Nagle on."""
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
-    ):
-        tls.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = tls.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
-
-
 async def test_stdlib_client_bulk_echo(
     server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
 ) -> None:
@@ -109,7 +92,7 @@ async def test_stdlib_client_bulk_echo(
     with trio.fail_after(20):
         async with listen(protocol=Made(Echo), ssl_context=server_ctx) as listener:
             got = await trio.to_thread.run_sync(
-                _stdlib_roundtrip, listener.port, client_ctx, payload
+                _blocking_tls_roundtrip, listener.port, client_ctx, payload
             )
     assert got == payload
 
