@@ -99,9 +99,11 @@ def run_example(script: Path, banner: str) -> Iterator[Example]:
         proc.communicate(timeout=15)
 
 
-@pytest.fixture
-def server() -> Iterator[Example]:
-    with run_example(HTTP_SERVER, "HTTP server listening on") as example:
+@pytest.fixture(params=["http_server.py", "http_protocol.py"])
+def server(request: pytest.FixtureRequest) -> Iterator[Example]:
+    """Each example as a process: the task-mode server and its protocol-mode
+    twin (examples/http_protocol.py) must behave the same to these clients."""
+    with run_example(EXAMPLES / request.param, "HTTP server listening on") as example:
         yield example
 
 

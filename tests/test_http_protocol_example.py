@@ -10,9 +10,7 @@ the idle timeout, the linger and the drain.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +23,6 @@ import trio
 import trio.testing
 
 from tests.test_http_example import (
-    CURL_FORMAT,
     EXAMPLES,
     GET,
     Client,
@@ -37,7 +34,6 @@ from tests.test_http_example import (
     read_all,
     read_to_eof,
     run_example,
-    wrk,
     wrk_requests,
 )
 from trio_evlisten import ConnListener, Flag, _engine, open_listener
@@ -63,18 +59,8 @@ def server() -> Iterator[Example]:
         yield example
 
 
-# As a process, driven by clients nobody here wrote.
-
-
-@pytest.mark.slow
-@needs_wrk
-def test_wrk_keep_alive_load_without_errors(server: Example) -> None:
-    out = wrk(server.port, "-t1", "-c20", "-d2s")
-    assert wrk_requests(out) > 0
-    # wrk prints these lines only when there is something to count.
-    assert "Socket errors" not in out, out
-    assert "Non-2xx" not in out, out
-    assert server.interrupt() == (0, "", "")
+# As a process, driven by clients nobody here wrote (the cases both examples
+# share are in tests/test_http_example.py, run on each).
 
 
 @pytest.mark.slow
@@ -92,94 +78,6 @@ def test_wrk_counts_the_404s_and_nothing_else(server: Example) -> None:
     assert int(match.group(1)) == wrk_requests(out)
     assert "Socket errors" not in out, out
     assert server.interrupt() == (0, "", "")
-
-
-@pytest.mark.slow
-@needs_wrk
-def test_ctrl_c_under_wrk_load_exits_quietly(server: Example) -> None:
-    load = subprocess.Popen(
-        ["wrk", "-t1", "-c20", "-d10s", f"http://127.0.0.1:{server.port}/"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        time.sleep(0.7)  # a subprocess under load: nothing in-process to wait on
-        status, out, err = server.interrupt()
-        assert (status, err) == (0, "")
-        assert "Traceback" not in out
-        load.send_signal(signal.SIGINT)  # wrk stops and prints what it did
-        wrk_out, _ = load.communicate(timeout=15)
-        assert wrk_requests(wrk_out) > 0, wrk_out
-    finally:
-        if load.poll() is None:
-            load.kill()
-        load.communicate(timeout=15)
-
-
-@pytest.mark.slow
-def test_http_client_routes_on_one_kept_alive_connection(server: Example) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    try:
-        conn.request("GET", "/")
-        first = conn.getresponse()
-        assert (first.status, first.read()) == (200, b"Hello, world!\n")
-        assert first.getheader("Content-Type") == "text/plain; charset=utf-8"
-        assert first.getheader("Date") is not None
-        sock = conn.sock
-        assert sock is not None
-        conn.request("HEAD", "/")
-        head = conn.getresponse()
-        assert (head.status, head.read()) == (200, b"")
-        assert head.getheader("Content-Length") == "14"
-        conn.request("GET", "/nope?x=1")
-        missing = conn.getresponse()
-        assert (missing.status, missing.read()) == (404, b"Not Found\n")
-        conn.request("POST", "/", body=b"x" * 1000)
-        post = conn.getresponse()
-        assert (post.status, post.read()) == (405, b"Method Not Allowed\n")
-        assert post.getheader("Allow") == "GET, HEAD"
-        conn.request("GET", "/?q")
-        again = conn.getresponse()
-        assert (again.status, again.read()) == (200, b"Hello, world!\n")
-        assert conn.sock is sock  # all five over one connection
-    finally:
-        conn.close()
-    assert server.interrupt() == (0, "", "")
-
-
-@pytest.mark.slow
-def test_connection_close_request_is_answered_then_closed(server: Example) -> None:
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        reply = read_to_eof(s)
-    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert b"\r\nConnection: close\r\n" in reply
-    assert reply.endswith(b"\r\n\r\nHello, world!\n")
-
-
-@pytest.mark.slow
-def test_malformed_request_gets_400_then_close(server: Example) -> None:
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
-        reply = read_to_eof(s)
-    assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
-    assert b"\r\nConnection: close\r\n" in reply
-    assert server.interrupt() == (0, "", "")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_curl_reuses_the_connection(server: Example) -> None:
-    url = f"http://127.0.0.1:{server.port}/"
-    done = subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "-w", CURL_FORMAT, url, url],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    assert done.stdout == "Hello, world!\n|200 1\nHello, world!\n|200 0\n"
 
 
 @pytest.mark.slow
