@@ -242,7 +242,7 @@ class Engine:
                 self._on_lost.clear()
         handing = self._handing.pop(transport, None)
         if handing is None or not counted:
-            close(transport._sock)
+            self._close(transport._sock)
             handing = None
         try:
             try:
@@ -377,6 +377,10 @@ class Engine:
         finally:
             self._release(transport)
 
+    def _close(self, sock: StdSocket) -> None:
+        """Close a lost connection's socket; never raises."""
+        close(sock)
+
     def _count(self, exc: BaseException | None, error: bool, addr: Any) -> None:
         """Count how a connection ended, as a handler's end is counted."""
         runner = self._runner
@@ -508,6 +512,20 @@ class EpollEngine(Engine):
         soon = self._soon
         while soon:
             self._finish(soon.popleft())
+
+    def _close(self, sock: StdSocket) -> None:
+        if self._state.preamble:
+            # Its preamble's task waited on it through Trio's own epoll.
+            close(sock)
+            return
+        # HOT PATH (rate): Trio never waited on this socket, which lives in
+        # our epoll only, so trio.lowlevel.notify_closing is skipped: it
+        # would cost Trio a failing epoll_ctl and an exception per
+        # connection (python -m benchmarks --workloads rate --py-spy DIR).
+        try:
+            sock.close()
+        except OSError:
+            logger.debug("closing %r failed", sock, exc_info=True)
 
     def set_events(self, transport: Transport, want: int) -> None:
         epoll = self._epoll
